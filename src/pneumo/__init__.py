@@ -1,0 +1,3 @@
+"""pneumo: a chest X-ray pneumonia classifier pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Checkpoints and other run files: written atomically, read with clear errors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pneumo.config import ConfigError, from_dict
+from pneumo.errors import PneumoError
+from pneumo.models import SmallCNN, build_model
+
+FORMAT = "pneumo-checkpoint/1"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(file)` on a temp file beside `path`, then rename it over `path`.
+
+    A crash or kill at any point leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PneumoError(f"checkpoint {path} does not exist")
+    try:
+        # weights_only: a checkpoint is data; loading one must never run code from it.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's unpickler fails on foreign bytes with any error type
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise PneumoError(f"{path} is not a readable checkpoint ({first_line})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise PneumoError(f"{path} is not a pneumo checkpoint (expected format {FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> SmallCNN:
+    try:
+        cfg = from_dict(ckpt["config"], source=str(path))
+        model = build_model(cfg.model)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, ConfigError, RuntimeError) as e:
+        raise PneumoError(f"{path} does not match the model it describes: {str(e).splitlines()[0][:300]}") from None
+    return model

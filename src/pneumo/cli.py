@@ -1,0 +1,76 @@
+"""Command lines `pneumo-train` and `pneumo-evaluate`: parse, load the config, call the library.
+
+Exit codes, for scheduled jobs: 0 done; 2 a problem with the input (config, paths, images,
+checkpoint, arguments), explained in one line on stderr; 130 interrupted; 1 a bug (with traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pneumo.config import load_config
+from pneumo.errors import PneumoError
+from pneumo.progress import setup_logging
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pneumo-train", description="Train the pneumonia classifier as a config file says.")
+    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/quickstart.yaml")
+    _add_set(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    args = parser.parse_args(argv)
+
+    def run():
+        cfg = load_config(args.config, args.set)
+        # torch takes seconds to import: a bad config is reported before paying for it.
+        from pneumo.training import train
+
+        train(cfg, resume=args.resume)
+
+    return _run(parser.prog, run)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pneumo-evaluate", description="Evaluate a trained checkpoint on one data split.")
+    parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by pneumo-train")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
+    _add_set(parser)
+    parser.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    args = parser.parse_args(argv)
+
+    def run():
+        from pneumo.evaluation import evaluate
+        from pneumo.metrics import format_table
+
+        metrics = evaluate(args.checkpoint, args.out, args.split, args.set)
+        print(f"{args.split} split, {args.checkpoint}:")
+        print(format_table(metrics))
+
+    return _run(parser.prog, run)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def _run(prog: str, body) -> int:
+    setup_logging()
+    try:
+        body()
+    except PneumoError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:
+        # Disk full, permissions, a vanished folder: the environment, not a bug; say which file.
+        print(f"{prog}: error: {e.strerror or e} ({e.filename})" if e.filename else f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK

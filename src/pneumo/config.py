@@ -1,0 +1,255 @@
+"""Typed experiment configuration: YAML in, validated dataclasses out.
+
+Every key has a type and, where it matters, a range. Loading checks the whole file before any work
+starts, so a typo in a nightly job's config fails in the first second, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from pneumo.errors import PneumoError
+
+
+class ConfigError(PneumoError):
+    pass
+
+
+def _range(lo=None, hi=None, **kw):
+    return {"min": lo, "max": hi, **kw}
+
+
+@dataclass
+class SyntheticConfig:
+    n_train: int = field(default=800, metadata=_range(2))
+    n_val: int = field(default=200, metadata=_range(2))
+    n_test: int = field(default=200, metadata=_range(2))
+    prevalence: float = field(default=0.5, metadata=_range(0.05, 0.95))
+
+
+@dataclass
+class DataConfig:
+    # synthetic: generated from the seed, nothing to download; folder: ROOT/{train,val,test}/{NORMAL,PNEUMONIA}
+    source: Literal["synthetic", "folder"] = "synthetic"
+    root: str | None = None
+    image_size: int = field(default=224, metadata=_range(16, 1024))
+    # carve: a patient-grouped validation set taken out of train; folder: ROOT/val as it is
+    val_source: Literal["carve", "folder"] = "carve"
+    val_fraction: float = field(default=0.15, metadata=_range(0.01, 0.9))
+    workers: int = field(default=0, metadata=_range(0, 256, doc="image decoding processes; 0 = all cores"))
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    rotate_deg: float = field(default=7.0, metadata=_range(0, 45))
+    translate: float = field(default=0.05, metadata=_range(0, 0.3))
+    scale: float = field(default=0.08, metadata=_range(0, 0.5))
+    brightness: float = field(default=0.1, metadata=_range(0, 1))
+    contrast: float = field(default=0.1, metadata=_range(0, 1))
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=_range(1, 1024))
+    stem_stride: int = field(default=2, metadata=_range(1, 4))
+    dropout: float = field(default=0.1, metadata=_range(0, 0.9))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=10, metadata=_range(1, 10_000))
+    batch_size: int = field(default=32, metadata=_range(1, 65_536))
+    eval_batch_size: int = field(default=128, metadata=_range(1, 65_536))
+    lr: float = field(default=2e-3, metadata=_range(0, 10))
+    weight_decay: float = field(default=1e-4, metadata=_range(0, 10))
+    warmup_epochs: float = field(default=1.0, metadata=_range(0, 1000))
+    # auto: n_negative / n_positive of the training split; null: unweighted
+    pos_weight: float | Literal["auto"] | None = field(default=None, metadata=_range(0, 1000))
+    # epochs without a better validation AUC before stopping; 0 never stops early
+    patience: int = field(default=5, metadata=_range(0, 10_000))
+    threshold: Literal["fixed", "max_f1", "youden"] = "youden"
+    fixed_threshold: float = field(default=0.5, metadata=_range(0, 1))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/quickstart"
+
+
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML experiment file, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {_show(raw)}")
+    # Field by field first, so an error names the file or the override that brought the bad value.
+    _build(Config, raw, str(path), prefix="")
+    for item in overrides:
+        raw = apply_override(raw, item)
+        _build(Config, raw, f"--set {item}", prefix="")
+    return from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Return a copy of `raw` with `a.b.c=value` set; the value is read as a YAML scalar."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    value = yaml.safe_load(text) if text.strip() else None
+    out = _deepcopy(raw)
+    node = out
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: {part} is not a section")
+        node = child
+    node[leaf] = value
+    return out
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> Config:
+    cfg = _build(Config, raw, source, prefix="")
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    if cfg.data.source == "folder" and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root: must name the data folder when data.source is 'folder'")
+    factor = cfg.model.stem_stride * 2 ** len(cfg.model.channels)
+    if cfg.data.image_size < factor:
+        raise ConfigError(
+            f"{source}: data.image_size: {cfg.data.image_size} is smaller than the model's total "
+            f"downsampling ({factor}: stem_stride {cfg.model.stem_stride}, {len(cfg.model.channels)} pooled blocks)"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deepcopy(d):
+    return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _build(cls, raw: Any, source: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a section (a mapping), got {_show(raw)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys here: {known})")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f.metadata, source, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, meta: dict, source: str, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key + ".")
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, meta, source, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key}: expected {_describe(tp, meta)}, got {_show(value)}")
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{source}: {key}: expected {_describe(tp, meta)}, got {_show(value)}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, meta, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = _scalar(value, tp)
+    if ok is _BAD:
+        raise ConfigError(f"{source}: {key}: expected {_describe(tp, meta)}, got {_show(value)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(ok, (int, float)) and not isinstance(ok, bool):
+        if (lo is not None and ok < lo) or (hi is not None and ok > hi):
+            raise ConfigError(f"{source}: {key}: {ok} is out of range, expected {_bounds(meta)}")
+    return ok
+
+
+_BAD = object()
+
+
+def _scalar(value, tp):
+    if tp is type(None):
+        return None if value is None else _BAD
+    if get_origin(tp) is Literal:
+        return value if value in get_args(tp) else _BAD
+    if tp is bool:
+        return value if isinstance(value, bool) else _BAD
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" as a string; users mean the number.
+            try:
+                value = float(value)
+            except ValueError:
+                return _BAD
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return _BAD
+        return float(value)
+    if tp is str:
+        return value if isinstance(value, str) else _BAD
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _describe(tp, meta) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(t, meta) for t in get_args(tp))
+    if origin is list:
+        return f"a non-empty list of {_describe(get_args(tp)[0], meta).removeprefix('an ').removeprefix('a ')}s"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    base = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}[tp]
+    if tp in (int, float) and (meta.get("min") is not None or meta.get("max") is not None):
+        base += f" {_bounds(meta)}"
+    return base
+
+
+def _bounds(meta) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _show(value) -> str:
+    return "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"

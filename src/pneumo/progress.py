@@ -1,0 +1,49 @@
+"""Progress for people and for batch jobs: a tqdm bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+from tqdm import tqdm
+
+log = logging.getLogger("pneumo")
+# INFO by default, so a run's train.log is complete whether the CLI or a library user started it.
+log.setLevel(logging.INFO)
+
+
+def setup_logging(log_file: str | None = None) -> None:
+    """Log lines to stderr (and to `log_file` if given), once per process."""
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if not any(getattr(h, "_pneumo_stderr", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._pneumo_stderr = True
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    if log_file is not None:
+        add_log_file(log_file)
+
+
+def add_log_file(path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    return handler
+
+
+def progress(items: Iterable, total: int, desc: str, unit: str = "it", every_s: float = 30.0) -> Iterator:
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        return
+    # Batch jobs get a line every `every_s` seconds: enough to see that long work moves and how fast,
+    # without flooding a cron log with short loops.
+    start = last = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s and i < total:
+            last = now
+            log.info("%s: %d/%d %s (%.1f %s/s)", desc, i, total, unit, i / (now - start), unit)

@@ -1,0 +1,179 @@
+"""The command lines as a user and a cron job meet them: real processes, exit codes, files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import KERMANY224, needs_shared, tiny_raw
+from pneumo.checkpoint import load_checkpoint
+from pneumo.cli import evaluate_main, train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("train_images_per_s", "epoch_s")
+
+
+def run(script, *args, timeout=120):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def call(main, *args):
+    """A command line in this process (same code path, no interpreter start-up): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def write_config(path, raw) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def history(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_clean_failure(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in error_lines[0], error_lines[0]
+
+
+def test_console_scripts_are_installed():
+    bindir = Path(sys.executable).parent
+    for name in ("pneumo-train", "pneumo-evaluate"):
+        assert (bindir / name).exists(), f"{name} not installed beside {sys.executable}"
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """Train, SIGKILL part way, --resume: the epochs equal those of a run that was never killed."""
+    raw = tiny_raw(tmp_path / "killed", data={"image_size": 48, "synthetic": {"n_train": 480, "n_val": 64, "n_test": 64}}, train={"epochs": 4})
+    cfg = write_config(tmp_path / "exp.yaml", raw)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg)], stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
+    jsonl = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (jsonl.exists() and jsonl.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
+    assert 1 <= done < 4, "the run must be killed part way for this test to mean anything"
+
+    resumed = run("train.py", "--config", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'killed'} after epoch {done}" in resumed.stderr
+    fresh = run("train.py", "--config", str(cfg), "--set", f"output.dir={tmp_path / 'fresh'}")
+    assert fresh.returncode == 0, fresh.stderr
+    assert history(tmp_path / "killed") == history(tmp_path / "fresh")
+    assert [r["epoch"] for r in history(tmp_path / "fresh")] == [1, 2, 3, 4]
+    assert not list((tmp_path / "killed").glob(".*.tmp"))
+
+
+def test_train_then_evaluate(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run"))
+    trained = run("train.py", "--config", str(cfg), "--set", "train.epochs=1", "--set", "seed=3")
+    assert trained.returncode == 0, trained.stderr
+    assert "best epoch 1" in trained.stderr
+
+    out = tmp_path / "eval"
+    result = run("evaluate.py", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "threshold", "n", "confusion_matrix"):
+        assert key in metrics
+    assert metrics["n"] == 48 and metrics["split"] == "test"
+    assert sum(map(sum, metrics["confusion_matrix"])) == 48
+    assert metrics["threshold"] == load_checkpoint(tmp_path / "run" / "best.pt")["threshold"]
+    assert f"ROC AUC       {metrics['auc']:.4f}" in result.stdout
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "id,label,probability,prediction" and len(rows) == 49
+
+    # The validation split is the one the threshold was chosen on: evaluate reproduces training's figures.
+    val = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "val", "--out", str(tmp_path / "val"))
+    assert val.returncode == 0, val.stderr
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["val_metrics"]
+    got = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert got["auc"] == pytest.approx(best["auc"]) and got["f1"] == pytest.approx(best["f1"])
+
+
+@pytest.mark.parametrize(
+    "config_text, overrides, phrases",
+    [
+        ("train:\n  epochz: 3\n", [], ["exp.yaml", "unknown key 'train.epochz'"]),
+        ("train:\n  epochs: -3\n", [], ["exp.yaml", "train.epochs"]),
+        ("seed: 1\n", ["train.batch_size=zero"], ["--set train.batch_size=zero", "train.batch_size"]),
+        ("data:\n  source: folder\n  root: /no/such/folder\n", [], ["data folder /no/such/folder does not exist"]),
+    ],
+)
+def test_bad_configs_fail_cleanly(tmp_path, config_text, overrides, phrases):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(config_text + f"output:\n  dir: {tmp_path / 'run'}\n")
+    result = call(train_main, "--config", str(cfg), *[a for o in overrides for a in ("--set", o)])
+    assert_clean_failure(result, *phrases)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_missing_config_and_resume_fail_cleanly(tmp_path):
+    assert_clean_failure(call(train_main, "--config", str(tmp_path / "nope.yaml")), "nope.yaml does not exist")
+    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run"))
+    assert_clean_failure(call(train_main, "--config", str(cfg), "--resume"), "nothing to resume")
+
+
+def test_bad_checkpoints_fail_cleanly(tmp_path):
+    out = str(tmp_path / "eval")
+    assert_clean_failure(call(evaluate_main, "--checkpoint", str(tmp_path / "none.pt"), "--out", out), "none.pt does not exist")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(256))
+    assert_clean_failure(call(evaluate_main, "--checkpoint", str(tmp_path / "junk.pt"), "--out", out), "not a readable checkpoint")
+    assert not (tmp_path / "eval").exists()
+
+
+@needs_shared
+def test_missing_split_and_one_class_fail_cleanly(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run", data={"source": "synthetic"}))
+    assert call(train_main, "--config", str(cfg), "--set", "train.epochs=1").returncode == 0
+    ckpt = str(tmp_path / "run" / "best.pt")
+    # The real data ships without its test split.
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={KERMANY224}", "--out", str(tmp_path / "e"))
+    assert_clean_failure(result, "split 'test' not found")
+    one_class = tmp_path / "one" / "test"
+    (one_class / "NORMAL").mkdir(parents=True)
+    (one_class / "PNEUMONIA").mkdir()
+    for f in sorted((KERMANY224 / "val" / "PNEUMONIA").iterdir())[:3]:
+        (one_class / "PNEUMONIA" / f.name).write_bytes(f.read_bytes())
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    assert_clean_failure(result, "holds only PNEUMONIA images")
+    (one_class / "PNEUMONIA").rename(tmp_path / "moved")
+    (one_class / "PNEUMONIA").mkdir()
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    assert_clean_failure(result, "holds no images")
+    assert not (tmp_path / "e").exists()
+
+
+def test_bad_config_fails_fast_in_a_real_process(tmp_path):
+    (tmp_path / "exp.yaml").write_text("train:\n  epochz: 3\n")
+    start = time.perf_counter()
+    result = run("train.py", "--config", str(tmp_path / "exp.yaml"))
+    assert_clean_failure(result, "unknown key 'train.epochz'")
+    assert time.perf_counter() - start < 2.5  # reported before torch is imported
+
+
+def test_argument_errors_exit_2():
+    result = run("evaluate.py", "--checkpoint", "x.pt")
+    assert result.returncode == 2 and "--out" in result.stderr

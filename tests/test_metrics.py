@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from pneumo.errors import PneumoError
+from pneumo.metrics import bce, binary_metrics, choose_threshold, format_table
+
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+PROBS = np.array([0.1, 0.3, 0.6, 0.2, 0.8, 0.7, 0.4, 0.9, 0.65, 0.55])
+
+
+def test_metrics_by_hand():
+    m = binary_metrics(LABELS, PROBS, 0.5)
+    # predicted positive: 0.6 (a normal), 0.8, 0.7, 0.9, 0.65, 0.55 -> tp 5, fp 1, fn 1 (0.4), tn 3
+    assert m["confusion_matrix"] == [[3, 1], [1, 5]]
+    assert m["sensitivity"] == pytest.approx(5 / 6)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["precision"] == pytest.approx(5 / 6)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["f1"] == pytest.approx(5 / 6)
+    # AUC: of 24 (normal, pneumonia) pairs the pneumonia image scores higher in 22: only the normal
+    # 0.6 beats two pneumonia scores (0.4, 0.55).
+    assert m["auc"] == pytest.approx(22 / 24)
+    assert (m["n"], m["n_pneumonia"], m["n_normal"]) == (10, 6, 4)
+
+
+def test_metrics_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    m = binary_metrics(y, p, 0.45)
+    pred = p >= 0.45
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(precision_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(recall_score(1 - y, ~pred))
+
+
+def test_thresholds():
+    assert choose_threshold(LABELS, PROBS, "fixed", 0.3) == 0.3
+    # Youden's J = sensitivity + specificity - 1: 0.667 at 0.65 (4/6, 4/4), 0.583 at 0.55 (5/6, 3/4),
+    # 0.75 at 0.4 (6/6, 3/4): the best.
+    assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.4)
+    t = choose_threshold(LABELS, PROBS, "max_f1")
+    best = max(binary_metrics(LABELS, PROBS, p)["f1"] for p in PROBS)
+    assert binary_metrics(LABELS, PROBS, t)["f1"] == pytest.approx(best)
+
+
+def test_one_class_is_an_error():
+    with pytest.raises(PneumoError, match="one class only"):
+        binary_metrics(np.ones(5), np.linspace(0, 1, 5), 0.5)
+    with pytest.raises(PneumoError, match="one class only"):
+        choose_threshold(np.zeros(5), np.linspace(0, 1, 5), "youden")
+
+
+def test_bce_matches_the_formula():
+    assert bce(np.array([1, 0]), np.array([0.8, 0.4])) == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+
+
+def test_table_shows_every_metric():
+    table = format_table(binary_metrics(LABELS, PROBS, 0.5))
+    for word in ("ROC AUC", "F1", "accuracy", "sensitivity", "specificity", "precision", "threshold", "true PNEUMONIA"):
+        assert word in table
