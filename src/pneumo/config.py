@@ -43,6 +43,8 @@ class DataConfig:
     # carve: a patient-grouped validation set taken out of train; folder: ROOT/val as it is
     val_source: Literal["carve", "folder"] = "carve"
     val_fraction: float = field(default=0.15, metadata=_range(0.01, 0.9))
+    # Separate from `seed`, so that runs with different training seeds are compared on one validation set.
+    split_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
     workers: int = field(default=0, metadata=_range(0, 256, doc="image decoding processes; 0 = all cores"))
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -61,7 +61,7 @@ def _folder_items(cfg: Config, name: str) -> tuple[list[str], np.ndarray]:
     if d.val_source == "folder" or name == "test":
         return list_split(d.root, name)
     paths, labels = list_split(d.root, "train")
-    is_val = patient_split([patient_id(p) for p in paths], labels, d.val_fraction, cfg.seed)
+    is_val = patient_split([patient_id(p) for p in paths], labels, d.val_fraction, d.split_seed)
     keep = is_val if name == "val" else ~is_val
     return [p for p, k in zip(paths, keep) if k], labels[keep]
 
