@@ -41,11 +41,15 @@ def test_metrics_agree_with_sklearn():
 def test_thresholds():
     assert choose_threshold(LABELS, PROBS, "fixed", 0.3) == 0.3
     # Youden's J = sensitivity + specificity - 1: 0.667 at 0.65 (4/6, 4/4), 0.583 at 0.55 (5/6, 3/4),
-    # 0.75 at 0.4 (6/6, 3/4): the best.
-    assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.4)
+    # 0.75 at 0.4 (6/6, 3/4): the best. The threshold sits halfway to the next lower score, 0.3.
+    assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.35)
+    assert binary_metrics(LABELS, PROBS, 0.35)["confusion_matrix"] == binary_metrics(LABELS, PROBS, 0.4)["confusion_matrix"]
     t = choose_threshold(LABELS, PROBS, "max_f1")
     best = max(binary_metrics(LABELS, PROBS, p)["f1"] for p in PROBS)
     assert binary_metrics(LABELS, PROBS, t)["f1"] == pytest.approx(best)
+    assert not np.isclose(PROBS, t).any()  # no score on the boundary
+    # When the lowest score is chosen (all positive: F1 0.8, against 0.5 at 0.2), halfway down to 0.
+    assert choose_threshold(np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3]), "max_f1") == pytest.approx(0.05)
 
 
 def test_one_class_is_an_error():

@@ -39,13 +39,17 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
     _add_set(parser)
     parser.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    parser.add_argument(
+        "--backend", default="torch", choices=["torch", "numpy"],
+        help="torch (default), or the from-scratch NumPy network (float64, CPU, slower; same results)",
+    )
     args = parser.parse_args(argv)
 
     def run():
         from pneumo.evaluation import evaluate
         from pneumo.metrics import format_table
 
-        metrics = evaluate(args.checkpoint, args.out, args.split, args.set)
+        metrics = evaluate(args.checkpoint, args.out, args.split, args.set, args.backend)
         print(f"{args.split} split, {args.checkpoint}:")
         print(format_table(metrics))
 

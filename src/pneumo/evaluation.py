@@ -14,14 +14,17 @@ from pneumo.config import apply_override, from_dict
 from pneumo.data import load_split
 from pneumo.engine import predict, prepare, resolve_device
 from pneumo.metrics import binary_metrics
+from pneumo.numpy_backend import numpy_model_from_checkpoint, predict_numpy
 from pneumo.progress import log
 
 
-def evaluate(checkpoint: str | Path, out_dir: str | Path, split: str = "test", overrides: list[str] = ()) -> dict:
+def evaluate(
+    checkpoint: str | Path, out_dir: str | Path, split: str = "test", overrides: list[str] = (), backend: str = "torch"
+) -> dict:
     """Score `split` with the checkpoint's model at the threshold chosen on validation during training.
 
     The data settings come from the checkpoint's config; `overrides` (`data.root=DIR`, `device=cpu`...)
-    adapt them to this machine.
+    adapt them to this machine. `backend="numpy"` runs the NumPy reference network (float64) instead.
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
@@ -33,9 +36,11 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path, split: str = "test", o
     data = load_split(cfg, split)
     data.require_both_classes()
     log.info("%s", data.describe())
-    device = resolve_device(cfg.device)
-    images = torch.from_numpy(data.images)
-    probs = predict(prepare(model, device), images, cfg.train.eval_batch_size, device)
+    if backend == "numpy":
+        probs = predict_numpy(numpy_model_from_checkpoint(ckpt), data.images, cfg.train.eval_batch_size)
+    else:
+        device = resolve_device(cfg.device)
+        probs = predict(prepare(model, device), torch.from_numpy(data.images), cfg.train.eval_batch_size, device)
 
     metrics = {
         **binary_metrics(data.labels, probs, ckpt["threshold"]),
@@ -43,6 +48,7 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path, split: str = "test", o
         "split": split,
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": ckpt["epoch"],
+        "backend": backend,
     }
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -16,6 +16,7 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     if method == "fixed":
         return float(fixed)
     _require_both_classes(labels)
+    probs = np.asarray(probs, dtype=np.float64)
     if method == "youden":
         fpr, tpr, thresholds = roc_curve(labels, probs)
         best = int(np.argmax(tpr - fpr))
@@ -25,7 +26,11 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
         best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
     else:
         raise ValueError(f"unknown threshold method {method!r}")
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    chosen = min(float(thresholds[best]), 1.0)
+    # Halfway down to the next lower score: the same decisions on this data, but no image sits on
+    # the boundary, where float32 vs float64 or another backend could flip it.
+    below = probs[probs < chosen]
+    return (chosen + float(below.max())) / 2 if below.size else chosen / 2
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
