@@ -18,7 +18,9 @@ def tiny_raw(out_dir, **sections) -> dict:
     raw = {
         "seed": 0,
         "device": "cpu",
-        "data": {"source": "synthetic", "image_size": 32, "synthetic": {"n_train": 96, "n_val": 48, "n_test": 48}},
+        # The decoded-image cache goes beside the run, never into the home folder of whoever runs the tests.
+        "data": {"format": "synthetic", "image_size": 32, "cache_dir": str(Path(out_dir).parent / "cache"),
+                 "synthetic": {"n_train": 96, "n_val": 48, "n_test": 48}},
         "model": {"channels": [8, 16], "stem_stride": 1},
         "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0},
         "output": {"dir": str(out_dir)},

@@ -119,7 +119,7 @@ def test_train_then_evaluate(tmp_path):
         ("train:\n  epochz: 3\n", [], ["exp.yaml", "unknown key 'train.epochz'"]),
         ("train:\n  epochs: -3\n", [], ["exp.yaml", "train.epochs"]),
         ("seed: 1\n", ["train.batch_size=zero"], ["--set train.batch_size=zero", "train.batch_size"]),
-        ("data:\n  source: folder\n  root: /no/such/folder\n", [], ["data folder /no/such/folder does not exist"]),
+        ("data:\n  format: folder\n  root: /no/such/folder\n", [], ["data folder /no/such/folder does not exist"]),
     ],
 )
 def test_bad_configs_fail_cleanly(tmp_path, config_text, overrides, phrases):
@@ -146,22 +146,22 @@ def test_bad_checkpoints_fail_cleanly(tmp_path):
 
 @needs_shared
 def test_missing_split_and_one_class_fail_cleanly(tmp_path):
-    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run", data={"source": "synthetic"}))
+    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run", data={"format": "synthetic"}))
     assert call(train_main, "--config", str(cfg), "--set", "train.epochs=1").returncode == 0
     ckpt = str(tmp_path / "run" / "best.pt")
     # The real data ships without its test split.
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={KERMANY224}", "--out", str(tmp_path / "e"))
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={KERMANY224}", "--out", str(tmp_path / "e"))
     assert_clean_failure(result, "split 'test' not found")
     one_class = tmp_path / "one" / "test"
     (one_class / "NORMAL").mkdir(parents=True)
     (one_class / "PNEUMONIA").mkdir()
     for f in sorted((KERMANY224 / "val" / "PNEUMONIA").iterdir())[:3]:
         (one_class / "PNEUMONIA" / f.name).write_bytes(f.read_bytes())
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
     assert_clean_failure(result, "holds only PNEUMONIA images")
     (one_class / "PNEUMONIA").rename(tmp_path / "moved")
     (one_class / "PNEUMONIA").mkdir()
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
     assert_clean_failure(result, "holds no images")
     assert not (tmp_path / "e").exists()
 

@@ -14,7 +14,7 @@ def write(tmp_path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "kermany.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "kermany.yaml", "pneumoniamnist.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
@@ -44,7 +44,7 @@ def test_values_are_typed(tmp_path):
         ("train:\n  lr: .nan\n", "train.lr: expected a number"),
         ("train:\n  pos_weight: lots\n", "train.pos_weight: expected a number in [0, 1000] or one of 'auto' or null"),
         ("data: 3\n", "data: expected a section"),
-        ("data:\n  source: folder\n", "data.root: must name the data folder"),
+        ("data:\n  format: folder\n", "data.root: must name the data"),
         ("data:\n  image_size: 32\nmodel:\n  channels: [8, 8, 8, 8, 8]\n", "data.image_size: 32 is smaller than the model's total downsampling (64"),
     ],
 )

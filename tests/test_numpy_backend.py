@@ -8,7 +8,7 @@ import torch
 
 from conftest import KERMANY224, needs_shared
 from pneumo.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumo.data.images import load_images
+from pneumo.data.images import decode_all
 from pneumo.engine import predict, prepare
 from pneumo.evaluation import evaluate
 from pneumo.numpy_backend import numpy_model_from_checkpoint, predict_numpy
@@ -31,7 +31,7 @@ def production_checkpoint(tmp_path_factory):
 
 def real_images(n=16) -> np.ndarray:
     paths = sorted(str(p) for p in (KERMANY224 / "val").glob("*/*.jpeg"))[:n]
-    return load_images(paths, 224, workers=2)
+    return decode_all(paths, 224, 100_000_000, skip_bad=False, workers=2)[0]
 
 
 @needs_shared

@@ -90,7 +90,7 @@ def test_pos_weight_auto(tiny_config):
 
 def test_folder_source_carves_validation_by_patient(tmp_path, tiny_config):
     write_folder(tmp_path / "xray", {"train": 80, "test": 20}, size=32)
-    cfg = tiny_config(data={"source": "folder", "root": str(tmp_path / "xray"), "val_fraction": 0.25}, train={"epochs": 1})
+    cfg = tiny_config(data={"format": "folder", "root": str(tmp_path / "xray"), "val_fraction": 0.25}, train={"epochs": 1})
     train(cfg)
     split = json.loads((Path(cfg.output.dir) / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 80
@@ -102,7 +102,7 @@ def test_one_class_validation_stops_before_training(tmp_path, tiny_config):
     write_folder(tmp_path / "xray", {"train": 40}, size=32)
     for f in (tmp_path / "xray" / "train" / "NORMAL").iterdir():
         f.rename(tmp_path / "xray" / "train" / "PNEUMONIA" / f.name)
-    cfg = tiny_config(data={"source": "folder", "root": str(tmp_path / "xray")})
+    cfg = tiny_config(data={"format": "folder", "root": str(tmp_path / "xray")})
     with pytest.raises(PneumoError, match="split 'train' holds only PNEUMONIA images"):
         train(cfg)
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -123,3 +123,15 @@ def test_augmentation_is_off_at_evaluation(tiny_config):
     images = torch.randint(0, 255, (8, 32, 32), dtype=torch.uint8)
     first = predict(model, images, 4, torch.device("cpu"))
     assert np.array_equal(first, predict(model, images, 3, torch.device("cpu")))
+
+
+def test_bad_images_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_config):
+    write_folder(tmp_path / "xray", {"train": 40}, size=32)
+    (tmp_path / "xray" / "train" / "NORMAL" / "IM-7777-0001.jpeg").write_text("not an image")
+    cfg = tiny_config(data={"format": "folder", "root": str(tmp_path / "xray"), "on_bad_image": "skip"}, train={"epochs": 1})
+    train(cfg)
+    report = (Path(cfg.output.dir) / "bad_images.csv").read_text().splitlines()
+    assert report[0] == "split,path,reason" and len(report) == 2 and "IM-7777-0001.jpeg" in report[1]
+    with pytest.raises(PneumoError, match="cannot use image .*IM-7777-0001.jpeg: cannot identify image file"):
+        train(tiny_config(data={"format": "folder", "root": str(tmp_path / "xray")}, output={"dir": str(tmp_path / "run2")}))
+    assert not (tmp_path / "run2").exists()  # stopped before anything was written

@@ -56,6 +56,27 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return _run(parser.prog, run)
 
 
+def download_main(argv: list[str] | None = None) -> int:
+    from pneumo.data.download import MEDMNIST_BASE_URL, PNEUMONIAMNIST
+
+    parser = argparse.ArgumentParser(
+        prog="pneumo-download",
+        description="Download PneumoniaMNIST (MedMNIST, CC BY 4.0) from Zenodo, md5-verified; an interrupted download resumes.",
+    )
+    parser.add_argument("--size", type=int, action="append", choices=sorted(PNEUMONIAMNIST), help="image size (repeatable; default 224)")
+    parser.add_argument("--out", default="data/medmnist", help="folder for the .npz files (default: data/medmnist)")
+    parser.add_argument("--base-url", default=MEDMNIST_BASE_URL, help="a mirror of MedMNIST's Zenodo files")
+    args = parser.parse_args(argv)
+
+    def run():
+        from pneumo.data.download import download_pneumoniamnist
+
+        for path in download_pneumoniamnist(args.size or [224], args.out, args.base_url):
+            print(path)
+
+    return _run(parser.prog, run)
+
+
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -36,16 +36,24 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic: generated from the seed, nothing to download; folder: ROOT/{train,val,test}/{NORMAL,PNEUMONIA}
-    source: Literal["synthetic", "folder"] = "synthetic"
+    # synthetic: generated from the seed, nothing to download; folder: ROOT/{train,val,test}/{NORMAL,PNEUMONIA};
+    # csv: a manifest path,label[,patient_id,split]; npz: MedMNIST arrays; auto: folder, .csv or .npz by root
+    format: Literal["synthetic", "auto", "folder", "csv", "npz"] = "synthetic"
     root: str | None = None
     image_size: int = field(default=224, metadata=_range(16, 1024))
-    # carve: a patient-grouped validation set taken out of train; folder: ROOT/val as it is
-    val_source: Literal["carve", "folder"] = "carve"
+    # carve: a patient-grouped validation set taken out of train; official: the data set's own val split
+    val_source: Literal["carve", "official"] = "carve"
     val_fraction: float = field(default=0.15, metadata=_range(0.01, 0.9))
     # Separate from `seed`, so that runs with different training seeds are compared on one validation set.
     split_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    workers: int = field(default=0, metadata=_range(0, 256, doc="image decoding processes; 0 = all cores"))
+    # error: stop at the first unusable file, naming it; skip: leave it out and list it in bad_images.csv
+    on_bad_image: Literal["error", "skip"] = "error"
+    # Larger images are refused as possible decompression bombs (a 7000 x 7000 radiograph is 49 M).
+    max_pixels: int = field(default=100_000_000, metadata=_range(1))
+    workers: int = field(default=0, metadata=_range(0, 256, doc="image decoding threads; 0 = all cores"))
+    # Decoded, resized images are kept as uint8 arrays here (default: $XDG_CACHE_HOME/pneumo or ~/.cache/pneumo).
+    cache: bool = True
+    cache_dir: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -145,8 +153,8 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
 
 
 def _check_consistency(cfg: Config, source: str) -> None:
-    if cfg.data.source == "folder" and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root: must name the data folder when data.source is 'folder'")
+    if cfg.data.format != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root: must name the data (a folder, .csv or .npz) when data.format is '{cfg.data.format}'")
     factor = cfg.model.stem_stride * 2 ** len(cfg.model.channels)
     if cfg.data.image_size < factor:
         raise ConfigError(

@@ -11,7 +11,7 @@ import torch
 
 from pneumo.checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
 from pneumo.config import apply_override, from_dict
-from pneumo.data import load_split
+from pneumo.data import bad_image_report, load_split
 from pneumo.engine import predict, prepare, resolve_device
 from pneumo.metrics import binary_metrics
 from pneumo.numpy_backend import numpy_model_from_checkpoint, predict_numpy
@@ -49,10 +49,14 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": ckpt["epoch"],
         "backend": backend,
+        "n_skipped": len(data.skipped),
     }
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(out_dir / "predictions.csv", _predictions_csv(data.ids, data.labels, probs, ckpt["threshold"]))
+    if data.skipped:
+        atomic_write_text(out_dir / "bad_images.csv", bad_image_report(data))
+        log.warning("skipped %d unusable image files: see %s", len(data.skipped), out_dir / "bad_images.csv")
     log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "predictions.csv")
     return metrics
 

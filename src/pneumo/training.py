@@ -15,7 +15,7 @@ from torch import nn
 from pneumo import __version__
 from pneumo.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from pneumo.config import Config, to_dict
-from pneumo.data import load_split, split_manifest
+from pneumo.data import bad_image_report, load_split, split_manifest
 from pneumo.engine import predict, prepare, resolve_device, train_one_epoch
 from pneumo.errors import PneumoError
 from pneumo.metrics import bce, binary_metrics, choose_threshold
@@ -48,6 +48,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     try:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "split.json", split_manifest(train_split, val_split))
+        skipped = len(train_split.skipped) + len(val_split.skipped)
+        if skipped:
+            atomic_write_text(run_dir / "bad_images.csv", bad_image_report(train_split, val_split))
+            log.warning("skipped %d unusable image files: see %s", skipped, run_dir / "bad_images.csv")
         return _fit(cfg, run_dir, device, train_split, val_split, ckpt)
     finally:
         log.removeHandler(log_handler)

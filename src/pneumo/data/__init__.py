@@ -1,16 +1,21 @@
-"""Data splits as in-memory uint8 arrays, from the synthetic generator or a Kermany-style folder."""
+"""Data splits as uint8 arrays, from synthetic images, a Kermany folder, a CSV manifest or an npz file."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from pneumo.config import Config
+from pneumo.config import Config, DataConfig
 from pneumo.data import synthetic
+from pneumo.data.cache import cached_decode, default_cache_dir
 from pneumo.data.folder import list_split, patient_id, patient_split
-from pneumo.data.images import load_images
+from pneumo.data.manifest import read_manifest
+from pneumo.data.npz import read_npz_split
 from pneumo.errors import PneumoError
 from pneumo.progress import log
 
@@ -22,48 +27,84 @@ class Split:
     name: str
     images: np.ndarray  # (N, H, W) uint8
     labels: np.ndarray  # (N,) int64, PNEUMONIA = 1
-    ids: list[str]  # file paths, or synthetic:SPLIT:i
+    ids: list[str]  # file paths, or FILE.npz:SPLIT:i, or synthetic:SPLIT:i
     patients: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of unusable files left out
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def describe(self) -> str:
         pos = int(self.labels.sum())
-        return f"{self.name}: {len(self)} images ({pos} pneumonia, {len(self) - pos} normal, {len(set(self.patients))} patients)"
+        skipped = f", {len(self.skipped)} unusable files skipped" if self.skipped else ""
+        return f"{self.name}: {len(self)} images ({pos} pneumonia, {len(self) - pos} normal, {len(set(self.patients))} patients{skipped})"
 
     def require_both_classes(self) -> None:
+        if len(self) == 0:
+            raise PneumoError(f"split '{self.name}' holds no usable images")
         if len(np.unique(self.labels)) < 2:
             only = "PNEUMONIA" if self.labels[0] else "NORMAL"
             raise PneumoError(f"split '{self.name}' holds only {only} images: ROC AUC and thresholds need both classes")
 
 
+def resolve_format(d: DataConfig) -> str:
+    if d.format != "auto":
+        return d.format
+    root = Path(d.root)
+    if root.suffix.lower() in (".csv", ".npz"):
+        return root.suffix.lower()[1:]
+    if root.is_dir():
+        return "folder"
+    raise PneumoError(f"data.root {root} is neither a folder nor a .csv or .npz file (data.format: auto)")
+
+
 def load_split(cfg: Config, name: str) -> Split:
     """One split as the pipeline sees it: with data.val_source=carve, 'train' and 'val' are the two
-    patient-grouped parts of the train folder."""
+    patient-grouped parts of the data set's train split."""
     if name not in SPLITS:
         raise PneumoError(f"unknown split '{name}': expected one of {', '.join(SPLITS)}")
     d = cfg.data
-    if d.source == "synthetic":
+    fmt = resolve_format(d)
+    if fmt == "synthetic":
         n = {"train": d.synthetic.n_train, "val": d.synthetic.n_val, "test": d.synthetic.n_test}[name]
         log.info("generating %d synthetic %s images (%dx%d)", n, name, d.image_size, d.image_size)
         images, labels = synthetic.make_split(name, n, d.image_size, d.synthetic.prevalence, cfg.seed)
         ids = [f"synthetic:{name}:{i}" for i in range(n)]
         return Split(name, images, labels, ids, ids)
 
-    paths, labels = _folder_items(cfg, name)
-    images = load_images(paths, d.image_size, d.workers, desc=f"decoding {name}")
-    return Split(name, images, labels, paths, [patient_id(p) for p in paths])
+    carve = d.val_source == "carve" and name != "test"
+    source = "train" if carve else name
+    if fmt == "npz":
+        images, labels = read_npz_split(d.root, source, d.image_size)
+        ids = [f"{d.root}:{source}:{i}" for i in range(len(labels))]
+        patients, bad = ids, {}  # MedMNIST gives no patient ids
+    else:
+        if fmt == "folder":
+            paths, labels = list_split(d.root, source)
+            patients = [patient_id(p) for p in paths]
+        else:
+            rows = [r for r in read_manifest(d.root) if r.split == source]
+            if not rows:
+                raise PneumoError(f"manifest {d.root} has no rows for split '{source}'")
+            paths, labels, patients = [r.path for r in rows], np.array([r.label for r in rows]), [r.patient for r in rows]
+        cache_dir = (d.cache_dir or default_cache_dir()) if d.cache else None
+        images, bad = cached_decode(paths, d.image_size, d.max_pixels, d.on_bad_image == "skip", cache_dir, d.workers, f"decoding {source}")
+        ids = paths
 
-
-def _folder_items(cfg: Config, name: str) -> tuple[list[str], np.ndarray]:
-    d = cfg.data
-    if d.val_source == "folder" or name == "test":
-        return list_split(d.root, name)
-    paths, labels = list_split(d.root, "train")
-    is_val = patient_split([patient_id(p) for p in paths], labels, d.val_fraction, d.split_seed)
-    keep = is_val if name == "val" else ~is_val
-    return [p for p, k in zip(paths, keep) if k], labels[keep]
+    keep = np.ones(len(labels), dtype=bool)
+    if carve:
+        is_val = patient_split(patients, labels, d.val_fraction, d.split_seed)
+        keep = is_val if name == "val" else ~is_val
+    usable = keep.copy()
+    usable[list(bad)] = False
+    return Split(
+        name,
+        np.ascontiguousarray(images[usable]),  # into memory: training reads every image every epoch
+        np.asarray(labels)[usable],
+        [i for i, u in zip(ids, usable) if u],
+        [p for p, u in zip(patients, usable) if u],
+        [(ids[i], reason) for i, reason in sorted(bad.items()) if keep[i]],
+    )
 
 
 def split_manifest(*splits: Split) -> str:
@@ -72,3 +113,13 @@ def split_manifest(*splits: Split) -> str:
         {s.name: [{"id": i, "label": int(l), "patient": p} for i, l, p in zip(s.ids, s.labels, s.patients)] for s in splits},
         indent=1,
     )
+
+
+def bad_image_report(*splits: Split) -> str:
+    """CSV of the files left out (data.on_bad_image: skip), with the reason."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["split", "path", "reason"])
+    for s in splits:
+        writer.writerows((s.name, path, reason) for path, reason in s.skipped)
+    return buf.getvalue()

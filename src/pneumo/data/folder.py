@@ -10,7 +10,7 @@ import numpy as np
 from pneumo.errors import PneumoError
 
 CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 
 # person1234_bacteria_5678.jpeg -> person1234. IM-0117-0001 and NORMAL2-IM-0117-0001 map to the same
 # id on purpose: if the two numbering schemes ever name one patient, merging them costs nothing but a

@@ -1,8 +1,9 @@
-"""Decoding image files into one uint8 array (N, size, size)."""
+"""Decoding one image file of any common kind into a grayscale uint8 array, size x size."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,27 +12,102 @@ from PIL import Image, ImageOps
 from pneumo.errors import PneumoError
 from pneumo.progress import progress
 
+DICOM_SUFFIXES = {".dcm", ".dicom"}
 
-def load_image(path: str, size: int) -> np.ndarray:
+
+class BadImageError(PneumoError):
+    """A file that cannot be used as an image; `reason` says why, in a few words."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot use image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def load_image(path: str, size: int, max_pixels: int = 100_000_000) -> np.ndarray:
     """One image as grayscale uint8, squashed (not cropped) to size x size like the Kermany 224 copies."""
+    if os.path.splitext(path)[1].lower() in DICOM_SUFFIXES:
+        from pneumo.data.dicom import read_dicom
+
+        gray = Image.fromarray(read_dicom(path))
+    else:
+        gray = _read_with_pillow(path, max_pixels)
+    if gray.size != (size, size):
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def _read_with_pillow(path: str, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("L")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise PneumoError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                # The header gives the size: refuse a bomb before decoding a single pixel.
+                if im.width * im.height > max_pixels:
+                    raise BadImageError(path, f"{im.width} x {im.height} pixels is more than data.max_pixels ({max_pixels}); a decompression bomb?")
+                im.load()
+                return to_grayscale(ImageOps.exif_transpose(im))
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(path, f"possible decompression bomb ({e})") from None
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        reason = "empty file (0 bytes)" if _is_empty(path) else str(e) or type(e).__name__
+        raise BadImageError(path, reason) from None
 
 
-def load_images(paths: list[str], size: int, workers: int = 0, desc: str = "decoding") -> np.ndarray:
-    out = np.empty((len(paths), size, size), dtype=np.uint8)
+def to_grayscale(im: Image.Image) -> Image.Image:
+    """Mode "L", whatever the source mode: bit depth kept in proportion, transparency on black."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        # Medical PNGs often hold 12 or 14 significant bits in 16: scale by the depth actually used.
+        top = next((t for t in (255, 4095, 16383, 65535) if a.max() <= t), a.max())
+        return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        span = a.max() - a.min()
+        return Image.fromarray(((a - a.min()) / span * 255 + 0.5).astype(np.uint8) if span > 0 else np.zeros(a.shape, np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    if im.mode == "CMYK":
+        return im.convert("RGB").convert("L")
+    return im.convert("L")
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def decode_all(paths: list[str], size: int, max_pixels: int, skip_bad: bool, workers: int = 0, desc: str = "decoding"):
+    """Decode `paths` into (N, size, size) uint8, using every core; returns (images, {index: reason}).
+
+    With skip_bad, an unusable file leaves zeros and an entry in the dict; otherwise the first one
+    raises BadImageError.
+    """
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    bad: dict[int, str] = {}
+
+    def one(path):
+        try:
+            return load_image(path, size, max_pixels)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            return e.reason
+
     # Pillow releases the GIL while decoding and resizing, so threads use every core without the
     # start-up cost and memory of processes.
-    workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda p: load_image(p, size), paths)
-        for i, image in enumerate(progress(decoded, total=len(paths), desc=desc, unit="img")):
-            out[i] = image
-    return out
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for i, result in enumerate(progress(pool.map(one, paths), total=len(paths), desc=desc, unit="img")):
+            if isinstance(result, str):
+                bad[i] = result
+            else:
+                out[i] = result
+    return out, bad

@@ -1,0 +1,47 @@
+"""DICOM radiographs to 8-bit grayscale, through pydicom (the optional extra "pneumo[dicom]")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pneumo.data.images import BadImageError
+from pneumo.errors import PneumoError
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """Pixel data with the modality LUT (rescale slope/intercept) and the VOI LUT or window applied,
+    mapped to 0..255, MONOCHROME1 inverted so that dense tissue is bright, as in every other file."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise PneumoError(f"{path} is a DICOM file: reading DICOM needs pydicom (pip install 'pneumo[dicom]')") from None
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - pydicom reports broken files with many exception types
+        raise BadImageError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    if pixels.ndim != 2:
+        raise BadImageError(path, f"expected one grayscale frame, got pixel data of shape {pixels.shape}")
+
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        # DICOM PS3.3 C.11.2.1.2.1, linear function: the window maps onto the full output range.
+        values = np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1) * 255
+    else:
+        if "VOILUTSequence" in ds:
+            values = apply_voi_lut(values, ds).astype(np.float64)
+        span = values.max() - values.min()
+        values = (values - values.min()) / span * 255 if span > 0 else np.zeros_like(values)
+    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        values = 255 - values
+    return np.clip(values + 0.5, 0, 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    # Window center and width may be multi-valued (several presets): the first is the default.
+    try:
+        return float(value)
+    except TypeError:
+        return float(value[0])
