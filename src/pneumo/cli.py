@@ -1,19 +1,24 @@
-"""Command lines `pneumo-train` and `pneumo-evaluate`: parse, load the config, call the library.
+"""Command lines `pneumo-train`, `pneumo-evaluate`, `pneumo-predict`, `pneumo-download`: parse, load
+the config, call the library.
 
 Exit codes, for scheduled jobs: 0 done; 2 a problem with the input (config, paths, images,
 checkpoint, arguments), explained in one line on stderr; 130 interrupted; 1 a bug (with traceback).
+pneumo-predict refines these: 3 the checkpoint cannot be used, 4 finished but some files could not
+be scored (listed in the output with the reason), 5 another run is writing the same output.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from pneumo.config import load_config
 from pneumo.errors import PneumoError
 from pneumo.progress import setup_logging
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CHECKPOINT, EXIT_SOME_BAD, EXIT_LOCKED = 3, 4, 5
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -56,6 +61,38 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return _run(parser.prog, run)
 
 
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pneumo-predict",
+        description="Score chest X-rays into a CSV (path, probability, label, model, error). Re-running skips files already scored.",
+        epilog="exit codes: 0 all scored; 2 bad arguments or inputs; 3 unusable checkpoint; "
+        "4 some files could not be scored (see the error column); 5 another run is writing OUT; 130 interrupted",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or CSV lists of paths")
+    parser.add_argument("--checkpoint", required=True, help="a best.pt written by pneumo-train")
+    parser.add_argument("--out", required=True, help="the CSV to write or extend")
+    parser.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time (bounds memory)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--log-file", help="also append the log lines to this file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    codes = {}
+
+    def run():
+        from pneumo.predict import run_predict
+
+        from pneumo.progress import log
+
+        summary = run_predict(args.checkpoint, args.inputs, args.out, args.batch_size, args.device)
+        log.info("%s", summary.line(args.out))  # the log file gets the summary too
+        print(f"pneumo-predict: {summary.line(args.out)}")
+        codes["exit"] = EXIT_SOME_BAD if summary.bad else EXIT_OK
+
+    code = _run(parser.prog, run, log_file=args.log_file)
+    return codes.get("exit", code)
+
+
 def download_main(argv: list[str] | None = None) -> int:
     from pneumo.data.download import MEDMNIST_BASE_URL, PNEUMONIAMNIST
 
@@ -77,6 +114,12 @@ def download_main(argv: list[str] | None = None) -> int:
     return _run(parser.prog, run)
 
 
+def _exit_code(error: PneumoError) -> int:
+    from pneumo.predict import CheckpointError, OutputLocked
+
+    return EXIT_CHECKPOINT if isinstance(error, CheckpointError) else EXIT_LOCKED if isinstance(error, OutputLocked) else EXIT_INPUT
+
+
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -84,13 +127,16 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(prog: str, body) -> int:
-    setup_logging()
+def _run(prog: str, body, log_file: str | None = None) -> int:
+    setup_logging(log_file)
     try:
         body()
     except PneumoError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        if log_file:  # jobs that read only their log file see why the run failed
+            with open(log_file, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {e}\n")
+        return _exit_code(e)
     except OSError as e:
         # Disk full, permissions, a vanished folder: the environment, not a bug; say which file.
         print(f"{prog}: error: {e.strerror or e} ({e.filename})" if e.filename else f"{prog}: error: {e}", file=sys.stderr)

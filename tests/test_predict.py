@@ -1,0 +1,136 @@
+"""pneumo-predict as cron runs it: real processes, kills, re-runs, locks, exit codes."""
+
+import csv
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_raw
+from pneumo.cli import predict_main
+from pneumo.config import from_dict
+from pneumo.data.synthetic import make_split
+from pneumo.predict import COLUMNS, find_images
+from pneumo.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "run"
+    train(from_dict(tiny_raw(out, train={"epochs": 1})))
+    return out / "best.pt"
+
+
+def make_images(folder: Path, n: int, size: int = 40) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = make_split("test", n, size, 0.5, seed=5)
+    paths = []
+    for i, image in enumerate(images):
+        sub = folder / ("a" if i % 2 else "b")  # nested, to exercise the recursive search
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(image).save(sub / f"img{i:04d}.png")
+        paths.append(sub / f"img{i:04d}.png")
+    return paths
+
+
+def read(out: Path) -> list[dict]:
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def predict_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_scores_folders_files_and_csv_lists(tmp_path, checkpoint):
+    paths = make_images(tmp_path / "imgs", 6)
+    (tmp_path / "list.csv").write_text("path\n" + f"imgs/{paths[0].parent.name}/{paths[0].name}\n")
+    (tmp_path / "imgs" / "notes.txt").write_text("ignored")
+    assert len(find_images([str(tmp_path / "imgs"), str(paths[1]), str(tmp_path / "list.csv")])) == 6
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 0
+    rows = read(out)
+    assert list(rows[0]) == COLUMNS and len(rows) == 6
+    assert {r["path"] for r in rows} == {str(p.resolve()) for p in paths}
+    for r in rows:
+        p = float(r["probability"])
+        assert 0 < p < 1 and r["error"] == "" and len(r["model"]) == 16
+        assert r["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_rerun_skips_and_bad_files_are_listed(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "broken.jpeg").write_text("not an image")
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]
+    assert predict_main(args) == 4  # finished, but one file could not be scored
+    bad = [r for r in read(out) if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.jpeg") and "cannot identify" in bad[0]["error"]
+    make_images(tmp_path / "imgs" / "new", 2)
+    assert predict_main(args) == 0  # only the two new files were left, and they scored
+    rows = read(out)
+    assert len(rows) == 7 and len({r["path"] for r in rows}) == 7
+
+
+def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 300, size=64)
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", checkpoint, "--out", out, "--batch-size", "8", tmp_path / "imgs"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)], stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n") - 1
+    assert 0 < written < 300, "the run must be killed part way for this test to mean anything"
+    # Simulate the worst moment for a kill: half a line written.
+    with open(out, "a") as f:
+        f.write("/half/a/line.png,0.12")
+    result = predict_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "incomplete line" in result.stderr
+    rows = read(out)
+    assert len(rows) == 300 and len({r["path"] for r in rows}) == 300
+    assert all(r["probability"] and not r["error"] for r in rows)
+    assert f"300 files: {300 - written} scored, 0 unusable, {written} already in" in result.stdout
+
+
+def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "scores.csv"
+    lock = tmp_path / "scores.csv.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another live run holds it
+    os.write(fd, b"4242\n")
+    result = predict_cli("--checkpoint", checkpoint, "--out", out, tmp_path / "imgs")
+    assert result.returncode == 5 and "another pneumo-predict (pid 4242) is writing scores.csv" in result.stderr
+    os.close(fd)  # the holder dies: its lock goes with it, the file stays behind
+    assert lock.exists()
+    result = predict_cli("--checkpoint", checkpoint, "--out", out, "--log-file", tmp_path / "job.log", tmp_path / "imgs")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "job.log").read_text()
+    assert "2 to score with model" in log and "2 files: 2 scored, 0 unusable" in log
+    assert "2 files: 2 scored, 0 unusable" in result.stdout
+
+
+def test_exit_codes_for_bad_arguments_and_checkpoints(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 1)
+    (tmp_path / "junk.pt").write_bytes(os.urandom(100))
+    assert predict_cli("--checkpoint", tmp_path / "junk.pt", "--out", tmp_path / "o.csv", tmp_path / "imgs").returncode == 3
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "o.csv", tmp_path / "missing")
+    assert result.returncode == 2 and "input" in result.stderr and "does not exist" in result.stderr
+    assert predict_cli("--checkpoint", checkpoint, tmp_path / "imgs").returncode == 2  # no --out
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "other.csv", tmp_path / "imgs")
+    assert result.returncode == 2 and "is not a pneumo-predict output" in result.stderr
+    assert "Traceback" not in result.stderr
