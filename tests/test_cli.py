@@ -177,3 +177,26 @@ def test_bad_config_fails_fast_in_a_real_process(tmp_path):
 def test_argument_errors_exit_2():
     result = run("evaluate.py", "--checkpoint", "x.pt")
     assert result.returncode == 2 and "--out" in result.stderr
+
+
+def test_evaluation_report(tmp_path):
+    cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run", data={"image_size": 48}, train={"epochs": 1}))
+    assert call(train_main, "--config", str(cfg)).returncode == 0
+    out = tmp_path / "eval"
+    result = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--bootstrap", "200", "--explain", "2",
+                  "--explain-file", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "x.png: file not found" in result.stderr  # a named file must exist
+    result = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--bootstrap", "200", "--explain", "2")
+    assert result.returncode == 0, result.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["ci95"]) == {"auc", "accuracy", "sensitivity", "specificity", "f1"} and m["bootstrap_resamples"] == 200
+    lo, hi = m["ci95"]["auc"]
+    assert lo <= m["auc"] <= hi
+    assert 0 <= m["ece"] <= 1 and 0 <= m["brier"] <= 1
+    assert [p["name"] for p in m["operating_points"]][:2] == ["stored threshold", "sensitivity>=0.90"]
+    for png in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| ROC AUC |" in report and "95% CI" in report and "![roc](roc.png)" in report and "sensitivity>=0.95" in report
+    assert len(m["explanations"]) == 2 and all((out / e["file"]).exists() for e in m["explanations"])
+    assert m["explanations"][0]["file"] in report

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from pneumo.errors import PneumoError
-from pneumo.metrics import bce, binary_metrics, choose_threshold, format_table
+from pneumo.metrics import bce, binary_metrics, bootstrap_ci, calibration, choose_threshold, format_table, operating_points
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 PROBS = np.array([0.1, 0.3, 0.6, 0.2, 0.8, 0.7, 0.4, 0.9, 0.65, 0.55])
@@ -67,3 +67,50 @@ def test_table_shows_every_metric():
     table = format_table(binary_metrics(LABELS, PROBS, 0.5))
     for word in ("ROC AUC", "F1", "accuracy", "sensitivity", "specificity", "precision", "threshold", "true PNEUMONIA"):
         assert word in table
+
+
+def test_operating_points_meet_their_targets_on_validation():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(0.35 * y + rng.random(400) * 0.65, 0, 1)
+    points = operating_points(y, p)
+    assert set(points) == {"sensitivity>=0.90", "sensitivity>=0.95", "sensitivity>=0.99", "specificity>=0.90", "specificity>=0.95"}
+    for name, threshold in points.items():
+        measure, target = name.split(">=")
+        m = binary_metrics(y, p, threshold)
+        assert m[measure] >= float(target)
+        # ...and is the highest threshold that does (sensitivity) / the lowest (specificity): one step
+        # further and the target is missed.
+        nudged = p[p < threshold].max() if measure == "sensitivity" else p[p > threshold].min()
+        worse = binary_metrics(y, p, nudged + 1e-12 if measure == "sensitivity" else nudged + 1e-12)
+        if measure == "sensitivity":
+            assert worse["sensitivity"] <= m["sensitivity"]
+        assert not np.isclose(p, threshold).any()
+
+
+def test_calibration_by_hand():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.3, 0.8, 0.4])
+    c = calibration(y, p, bins=2)
+    # bin [0, 0.5): p 0.1, 0.3, 0.4, mean 0.2667, 1/3 positive; bin [0.5, 1]: p 0.8, all positive.
+    assert c["ece"] == pytest.approx(0.75 * abs(0.8 / 3 - 1 / 3) + 0.25 * abs(0.8 - 1))
+    assert c["brier"] == pytest.approx((0.01 + 0.09 + 0.04 + 0.36) / 4)
+    assert [b["n"] for b in c["reliability"]] == [3, 1]
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_n():
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        y = rng.integers(0, 2, n)
+        p = np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1)
+        ci = bootstrap_ci(y, p, 0.5, resamples=300, seed=0)
+        m = binary_metrics(y, p, 0.5)
+        for k, (lo, hi) in ci.items():
+            assert lo <= m[k] <= hi, k
+        return ci["auc"][1] - ci["auc"][0]
+
+    assert width(1600) < width(100) / 2.5  # about 1/sqrt(n)
+    y = np.array([0, 1] * 20)
+    p = np.linspace(0, 1, 40)
+    assert bootstrap_ci(y, p, 0.5, 100, seed=3) == bootstrap_ci(y, p, 0.5, 100, seed=3)

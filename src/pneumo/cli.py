@@ -14,7 +14,7 @@ import sys
 import time
 
 from pneumo.config import load_config
-from pneumo.errors import PneumoError
+from pneumo.errors import CheckpointError, OutputLocked, PneumoError
 from pneumo.progress import setup_logging
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,13 +48,21 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         "--backend", default="torch", choices=["torch", "numpy"],
         help="torch (default), or the from-scratch NumPy network (float64, CPU, slower; same results)",
     )
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none; default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM overlays for the N most confident errors")
+    parser.add_argument("--explain-file", action="append", default=[], metavar="PATH", help="a Grad-CAM overlay for this image (repeatable)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be 0 or more")
 
     def run():
         from pneumo.evaluation import evaluate
         from pneumo.metrics import format_table
 
-        metrics = evaluate(args.checkpoint, args.out, args.split, args.set, args.backend)
+        metrics = evaluate(
+            args.checkpoint, args.out, args.split, args.set, args.backend, args.bootstrap, args.seed, args.explain, args.explain_file
+        )
         print(f"{args.split} split, {args.checkpoint}:")
         print(format_table(metrics))
 
@@ -93,6 +101,26 @@ def predict_main(argv: list[str] | None = None) -> int:
     return codes.get("exit", code)
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pneumo-export",
+        description="Export a checkpoint to TorchScript or ONNX; the file is kept only if its outputs match the checkpoint within 1e-5.",
+    )
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    parser.add_argument("--out", required=True, help="the file to write (.pt for TorchScript, .onnx)")
+    args = parser.parse_args(argv)
+
+    def run():
+        from pneumo.export import export
+
+        diff = export(args.checkpoint, args.format, args.out)
+        checked = f"largest difference from the checkpoint {diff:.1e}" if diff == diff else "not checked (no onnxruntime)"
+        print(f"pneumo-export: wrote {args.out} ({args.format}); {checked}")
+
+    return _run(parser.prog, run)
+
+
 def download_main(argv: list[str] | None = None) -> int:
     from pneumo.data.download import MEDMNIST_BASE_URL, PNEUMONIAMNIST
 
@@ -115,8 +143,6 @@ def download_main(argv: list[str] | None = None) -> int:
 
 
 def _exit_code(error: PneumoError) -> int:
-    from pneumo.predict import CheckpointError, OutputLocked
-
     return EXIT_CHECKPOINT if isinstance(error, CheckpointError) else EXIT_LOCKED if isinstance(error, OutputLocked) else EXIT_INPUT
 
 

@@ -33,6 +33,63 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     return (chosen + float(below.max())) / 2 if below.size else chosen / 2
 
 
+# Clinically used operating points, each chosen on validation: the highest threshold that keeps
+# sensitivity (or specificity) at the target.
+OPERATING_TARGETS = (("sensitivity", 0.90), ("sensitivity", 0.95), ("sensitivity", 0.99), ("specificity", 0.90), ("specificity", 0.95))
+
+
+def operating_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """{"sensitivity>=0.95": threshold, ...} on this (validation) data."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    _require_both_classes(labels)
+    out = {}
+    for measure, target in OPERATING_TARGETS:
+        if measure == "sensitivity":
+            pos = np.sort(probs[labels == 1])[::-1]
+            score = pos[int(np.ceil(target * len(pos))) - 1]  # that many positives at or above it
+            below = probs[probs < score]
+            out[f"{measure}>={target:.2f}"] = float((score + below.max()) / 2 if below.size else score / 2)
+        else:
+            neg = np.sort(probs[labels == 0])
+            score = neg[int(np.ceil(target * len(neg))) - 1]  # that many negatives at or below it
+            above = probs[probs > score]
+            out[f"{measure}>={target:.2f}"] = float((score + above.min()) / 2 if above.size else (score + 1) / 2)
+    return out
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error over equal-width bins, Brier score, and the reliability curve."""
+    labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    curve, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            confidence, frequency = probs[inside].mean(), labels[inside].mean()
+            ece += inside.mean() * abs(confidence - frequency)
+            curve.append({"bin": b, "mean_probability": float(confidence), "fraction_pneumonia": float(frequency), "n": int(inside.sum())})
+    return {"ece": float(ece), "brier": float(np.mean((probs - labels) ** 2)), "reliability": curve}
+
+
+CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals: the images are resampled with replacement `resamples` times."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = {k: [] for k in CI_METRICS}
+    for _ in range(resamples):
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue  # AUC is undefined on a one-class resample
+        m = binary_metrics(labels[idx], probs[idx], threshold)
+        for k in CI_METRICS:
+            values[k].append(m[k])
+    tail = (1 - level) / 2 * 100
+    return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in values.items()}
+
+
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)

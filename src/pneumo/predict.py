@@ -25,18 +25,10 @@ from pneumo.config import from_dict
 from pneumo.data.folder import IMAGE_SUFFIXES
 from pneumo.data.images import decode_all
 from pneumo.engine import predict, prepare, resolve_device
-from pneumo.errors import PneumoError
+from pneumo.errors import CheckpointError, OutputLocked, PneumoError
 from pneumo.progress import log, progress
 
 COLUMNS = ["path", "probability", "label", "model", "error"]
-
-
-class CheckpointError(PneumoError):
-    pass
-
-
-class OutputLocked(PneumoError):
-    pass
 
 
 @dataclass
@@ -86,18 +78,13 @@ def checkpoint_hash(path: str | Path) -> str:
 def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batch_size: int = 64, device: str = "auto", workers: int = 0) -> Summary:
     start = time.perf_counter()
     out = Path(out)
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        model = model_from_checkpoint(ckpt, checkpoint)
-    except PneumoError as e:
-        raise CheckpointError(str(e)) from None
-    cfg = from_dict(ckpt["config"])
-    size, threshold, model_id = cfg.data.image_size, ckpt["threshold"], checkpoint_hash(checkpoint)
+    model, size, threshold, max_pixels = _load_model(checkpoint)
+    model_id = checkpoint_hash(checkpoint)
     files = find_images(inputs)
     if not files:
         raise PneumoError(f"no image files found in {', '.join(inputs)}")
     dev = resolve_device(device)
-    model = prepare(model, dev)
+    model = prepare(model, dev) if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule) else model.to(dev)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):
@@ -113,7 +100,7 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batc
             for step in progress(range(steps), total=steps, desc="predicting", unit="batch"):
                 paths = todo[step * batch_size : (step + 1) * batch_size]
                 # Memory stays at one batch of images, whatever the number of files.
-                images, errors = decode_all(paths, size, cfg.data.max_pixels, skip_bad=True, workers=workers, desc="decoding")
+                images, errors = decode_all(paths, size, max_pixels, skip_bad=True, workers=workers, desc="decoding")
                 ok = [i for i in range(len(paths)) if i not in errors]
                 probs = predict(model, torch.from_numpy(images[ok]), batch_size, dev, desc="scoring") if ok else np.zeros(0)
                 scored = dict(zip(ok, probs))
@@ -129,6 +116,24 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batc
         finally:
             os.close(fd)
     return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start)
+
+
+def _load_model(path) -> tuple[torch.nn.Module, int, float, int]:
+    """(model, image size, threshold, max pixels) from a pneumo checkpoint or a TorchScript export."""
+    from pneumo.export import is_torchscript, load_torchscript
+
+    try:
+        if is_torchscript(path):
+            model, meta = load_torchscript(path)
+            return model, meta["image_size"], meta["threshold"], from_dict({}).data.max_pixels
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path)  # validates the config it carries, naming the file
+        cfg = from_dict(ckpt["config"], source=str(path))
+        return model, cfg.data.image_size, ckpt["threshold"], cfg.data.max_pixels
+    except PneumoError as e:
+        raise CheckpointError(str(e)) from None
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be loaded as an exported model ({str(e).splitlines()[0][:200]})") from None
 
 
 class _locked:

@@ -18,7 +18,7 @@ from pneumo.config import Config, to_dict
 from pneumo.data import bad_image_report, load_split, split_manifest
 from pneumo.engine import predict, prepare, resolve_device, train_one_epoch
 from pneumo.errors import PneumoError
-from pneumo.metrics import bce, binary_metrics, choose_threshold
+from pneumo.metrics import bce, binary_metrics, choose_threshold, operating_points
 from pneumo.models import build_model
 from pneumo.progress import add_log_file, log
 
@@ -120,7 +120,9 @@ def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
         state["history"].append(record)
         if metrics["auc"] > state["best_auc"]:
             state["best_auc"], state["bad_epochs"] = metrics["auc"], 0
-            save_checkpoint(run_dir / "best.pt", _model_payload(cfg, model, epoch, threshold, metrics))
+            best_payload = _model_payload(cfg, model, epoch, threshold, metrics)
+            best_payload["operating_points"] = operating_points(val_split.labels, probs)
+            save_checkpoint(run_dir / "best.pt", best_payload)
         else:
             state["bad_epochs"] += 1
         state["stopped_early"] = t.patience > 0 and state["bad_epochs"] >= t.patience and epoch < t.epochs
