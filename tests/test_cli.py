@@ -16,7 +16,7 @@ from pneumo.checkpoint import load_checkpoint
 from pneumo.cli import evaluate_main, train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("train_images_per_s", "epoch_s")
+TIMING = ("train_images_per_s", "epoch_s", "data_wait_fraction")
 
 
 def run(script, *args, timeout=120):

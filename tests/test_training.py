@@ -11,7 +11,7 @@ from pneumo.data.synthetic import write_folder
 from pneumo.errors import PneumoError
 from pneumo.training import _warmup_cosine, train
 
-TIMING = ("train_images_per_s", "epoch_s")
+TIMING = ("train_images_per_s", "epoch_s", "data_wait_fraction")
 
 
 def history(run_dir):

@@ -88,6 +88,13 @@ class TrainConfig:
     patience: int = field(default=5, metadata=_range(0, 10_000))
     threshold: Literal["fixed", "max_f1", "youden"] = "youden"
     fixed_threshold: float = field(default=0.5, metadata=_range(0, 1))
+    # Training arithmetic. auto: bf16 autocast on CUDA and on CPUs with AMX (measured 1.7x faster
+    # here), float32 elsewhere. Inference on a CPU is always float32, reproducible to the last digit.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the model: +8% on a 2-core CPU for 26 s of compiling; worth it on GPUs for long runs
+    compile: bool = False
+    # Under torchrun on GPUs, BatchNorm statistics over the global batch (torch's SyncBatchNorm is GPU-only)
+    sync_bn: bool = True
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,12 +31,60 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 
 def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1] on `device`, channels_last."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()  # page-locked, so the copy below runs asynchronously
     x = batch.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def training_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of training steps for train.precision on this device."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" or _cpu_has_amx() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def _cpu_has_amx() -> bool:
+    # Without AMX tiles, bf16 on a CPU is emulated and slower than float32.
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """bf16 autocast on CUDA by default; on the CPU only when `dtype` asks for it (training)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+class PhaseTimer:
+    """Seconds spent inside `measure()` blocks. On CUDA it records events and reads them once at the
+    end, so measuring never makes the GPU wait."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+
+    @contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t
+
+    def total(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
+        return self.seconds
 
 
 def train_one_epoch(
@@ -50,19 +99,30 @@ def train_one_epoch(
     gen: torch.Generator,
     device: torch.device,
     desc: str,
-) -> float:
-    """Train on every image once, in an order drawn from `gen`; return the mean loss."""
+    rank: int = 0,
+    world: int = 1,
+    dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Train on every image once, in an order drawn from `gen`; return the mean loss and the
+    seconds spent preparing batches (indexing, copying, augmenting).
+
+    `batch_size` is the global batch: with `world` processes, each takes rows rank::world of it.
+    """
     model.train()
     order = torch.randperm(len(labels), generator=gen)
     steps = math.ceil(len(labels) / batch_size)
     total, seen = torch.zeros((), device=device), 0
+    data_time = PhaseTimer(device)
     for step in progress(range(steps), total=steps, desc=desc, unit="batch"):
-        idx = order[step * batch_size : (step + 1) * batch_size]
-        x = to_input(images[idx], device)
-        y = labels[idx].to(device, non_blocking=True).float()
-        if aug.enabled:
-            x = augment(x, aug, gen)
-        with autocast(device):
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        rows = slice(rank, None, world)
+        with data_time.measure():
+            idx = batch[rows]
+            x = to_input(images[idx], device)
+            y = labels[idx].to(device, non_blocking=True).float()
+            if aug.enabled:
+                x = augment(x, aug, gen, global_batch=len(batch), rows=rows)
+        with autocast(device, dtype):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +132,11 @@ def train_one_epoch(
         # Accumulate on the device: a .item() per step would make the GPU wait for the host.
         total += loss.detach() * len(idx)
         seen += len(idx)
-    return float(total) / seen
+    if world > 1:
+        totals = torch.stack([total, torch.tensor(float(seen), device=device)])
+        torch.distributed.all_reduce(totals)
+        total, seen = totals[0], float(totals[1])
+    return float(total) / seen, data_time.total()
 
 
 @torch.no_grad()

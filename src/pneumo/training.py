@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,31 +13,47 @@ import torch
 import yaml
 from torch import nn
 
-from pneumo import __version__
+from pneumo import __version__, distributed
 from pneumo.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from pneumo.config import Config, to_dict
 from pneumo.data import bad_image_report, load_split, split_manifest
-from pneumo.engine import predict, prepare, resolve_device, train_one_epoch
+from pneumo.engine import predict, prepare, train_one_epoch, training_dtype
 from pneumo.errors import PneumoError
 from pneumo.metrics import bce, binary_metrics, choose_threshold, operating_points
 from pneumo.models import build_model
 from pneumo.progress import add_log_file, log
 
 # Keys a resumed run may change: how long it goes on, and where it runs.
-RESUMABLE_CHANGES = {"train.epochs", "train.patience", "device", "data.workers", "train.eval_batch_size"}
+RESUMABLE_CHANGES = {"train.epochs", "train.patience", "device", "data.workers", "train.eval_batch_size", "train.compile"}
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Train as `cfg` says, writing everything into cfg.output.dir; return the best epoch's record."""
+    """Train as `cfg` says, writing everything into cfg.output.dir; return the best epoch's record.
+
+    Under torchrun every process trains on its share of each batch; only rank 0 validates and writes.
+    """
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, resume, ctx, device)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, resume: bool, ctx: distributed.Context, device: torch.device) -> dict:
     run_dir = Path(cfg.output.dir)
+    if not ctx.main:
+        log.setLevel(logging.WARNING)  # one process speaks for the run
+    if cfg.train.batch_size % ctx.world:
+        raise PneumoError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({ctx.world})")
     ckpt = _resume_state(cfg, run_dir) if resume else None
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     train_split, val_split = load_split(cfg, "train"), load_split(cfg, "val")
     for split in (train_split, val_split):
         split.require_both_classes()
         log.info("%s", split.describe())
+    if not ctx.main:
+        return _fit(cfg, run_dir, device, train_split, val_split, ckpt, ctx)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
@@ -52,15 +69,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if skipped:
             atomic_write_text(run_dir / "bad_images.csv", bad_image_report(train_split, val_split))
             log.warning("skipped %d unusable image files: see %s", skipped, run_dir / "bad_images.csv")
-        return _fit(cfg, run_dir, device, train_split, val_split, ckpt)
+        return _fit(cfg, run_dir, device, train_split, val_split, ckpt, ctx)
     finally:
         log.removeHandler(log_handler)
         log_handler.close()
 
 
-def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
+def _fit(cfg, run_dir, device, train_split, val_split, ckpt, ctx) -> dict:
     t = cfg.train
-    model = prepare(build_model(cfg.model), device)
+    model = prepare(build_model(cfg.model), device)  # the module whose weights are saved and validated
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
     steps_per_epoch = math.ceil(len(train_split) / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -89,21 +106,35 @@ def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         state = {k: ckpt[k] for k in state}
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
-    # Rewritten from the checkpoint, so epochs trained after the last checkpoint of a killed run vanish.
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+    if ctx.main:
+        # Rewritten from the checkpoint, so epochs trained after the last checkpoint of a killed run vanish.
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+    step_model = model
+    if ctx.world > 1:
+        if t.sync_bn and device.type == "cuda":
+            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        step_model = torch.compile(step_model)
 
+    dtype = training_dtype(t.precision, device)
     log.info(
-        "training on %s: %d epochs of %d steps, batch %d, pos_weight %s, %d parameters",
-        device, t.epochs, steps_per_epoch, t.batch_size, pos_weight, sum(p.numel() for p in model.parameters()),
+        "training on %s (%s): %d epochs of %d steps, batch %d, pos_weight %s, %d parameters",
+        device, str(dtype).removeprefix("torch."), t.epochs, steps_per_epoch, t.batch_size, pos_weight,
+        sum(p.numel() for p in model.parameters()),
     )
     while not state["stopped_early"] and state["epoch"] < t.epochs:
         epoch = state["epoch"] + 1
         start = time.perf_counter()
-        loss = train_one_epoch(
-            model, images, labels, optimizer, scheduler, loss_fn, t.batch_size, cfg.augment, gen, device,
-            desc=f"epoch {epoch}/{t.epochs}",
+        loss, data_s = train_one_epoch(
+            step_model, images, labels, optimizer, scheduler, loss_fn, t.batch_size, cfg.augment, gen, device,
+            desc=f"epoch {epoch}/{t.epochs}", rank=ctx.rank, world=ctx.world, dtype=dtype,
         )
         train_s = time.perf_counter() - start
+        state["epoch"] = epoch
+        if not ctx.main:
+            state["stopped_early"] = ctx.agree(False)
+            continue
         probs = predict(model, val_images, t.eval_batch_size, device, desc="validating")
         threshold = choose_threshold(val_split.labels, probs, t.threshold, t.fixed_threshold)
         metrics = binary_metrics(val_split.labels, probs, threshold)
@@ -114,9 +145,9 @@ def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
             **{f"val_{k}": v for k, v in metrics.items() if k != "confusion_matrix"},
             "lr": optimizer.param_groups[0]["lr"],
             "train_images_per_s": len(train_split) / train_s,
+            "data_wait_fraction": data_s / train_s,
             "epoch_s": time.perf_counter() - start,
         }
-        state["epoch"] = epoch
         state["history"].append(record)
         if metrics["auc"] > state["best_auc"]:
             state["best_auc"], state["bad_epochs"] = metrics["auc"], 0
@@ -125,7 +156,7 @@ def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
             save_checkpoint(run_dir / "best.pt", best_payload)
         else:
             state["bad_epochs"] += 1
-        state["stopped_early"] = t.patience > 0 and state["bad_epochs"] >= t.patience and epoch < t.epochs
+        state["stopped_early"] = ctx.agree(t.patience > 0 and state["bad_epochs"] >= t.patience and epoch < t.epochs)
         save_checkpoint(run_dir / "last.pt", {
             **_model_payload(cfg, model, epoch, threshold, metrics),
             **state,
@@ -136,13 +167,15 @@ def _fit(cfg, run_dir, device, train_split, val_split, ckpt) -> dict:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, F1 %.4f, accuracy %.4f (%.0f s, %.0f img/s)",
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, F1 %.4f, accuracy %.4f (%.0f s, %.0f img/s, %.0f%% of it preparing data)",
             epoch, t.epochs, loss, record["val_loss"], metrics["auc"], metrics["f1"], metrics["accuracy"],
-            record["epoch_s"], record["train_images_per_s"],
+            record["epoch_s"], record["train_images_per_s"], 100 * record["data_wait_fraction"],
         )
         if state["stopped_early"]:
             log.info("stopping early: validation AUC has not improved for %d epochs", t.patience)
 
+    if not ctx.main:
+        return {}
     best = max(state["history"], key=lambda r: r["val_auc"])
     log.info(
         "best epoch %d: val AUC %.4f, F1 %.4f, accuracy %.4f at threshold %.4f; checkpoint %s",

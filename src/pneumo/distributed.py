@@ -1,0 +1,58 @@
+"""Multi-process training under torchrun: NCCL on GPUs, gloo on CPUs, chosen automatically.
+
+`torchrun --nproc_per_node=N scripts/train.py --config ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
+without them everything here is a single process and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pneumo.engine import resolve_device
+from pneumo.errors import PneumoError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's value of `flag`, on every rank (for decisions only rank 0 can make)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+
+def setup(device_setting: str) -> tuple[Context, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Context(), resolve_device(device_setting)
+    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
+    if device_setting == "cuda" and not use_cuda:
+        resolve_device("cuda")  # raises the usual clear error
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise PneumoError(f"process {local_rank} has no GPU: this node has {torch.cuda.device_count()}; use --nproc_per_node={torch.cuda.device_count()}")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
