@@ -53,6 +53,10 @@ def setup(device_setting: str) -> tuple[Context, torch.device]:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
-def teardown(ctx: Context) -> None:
+def teardown(ctx: Context, finished: bool = True) -> None:
     if ctx.world > 1 and dist.is_initialized():
+        if finished:
+            # Everyone leaves together: a process that closes its gloo connections while a peer is
+            # still reading from them makes that peer abort.
+            dist.barrier()
         dist.destroy_process_group()

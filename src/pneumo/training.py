@@ -34,9 +34,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     """
     ctx, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, resume, ctx, device)
-    finally:
-        distributed.teardown(ctx)
+        best = _train(cfg, resume, ctx, device)
+    except BaseException:
+        distributed.teardown(ctx, finished=False)  # torchrun stops the other processes
+        raise
+    distributed.teardown(ctx)
+    return best
 
 
 def _train(cfg: Config, resume: bool, ctx: distributed.Context, device: torch.device) -> dict:
