@@ -85,7 +85,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    codes = {}
 
     def run():
         from pneumo.predict import run_predict
@@ -95,10 +94,9 @@ def predict_main(argv: list[str] | None = None) -> int:
         summary = run_predict(args.checkpoint, args.inputs, args.out, args.batch_size, args.device)
         log.info("%s", summary.line(args.out))  # the log file gets the summary too
         print(f"pneumo-predict: {summary.line(args.out)}")
-        codes["exit"] = EXIT_SOME_BAD if summary.bad else EXIT_OK
+        return EXIT_SOME_BAD if summary.bad else EXIT_OK
 
-    code = _run(parser.prog, run, log_file=args.log_file)
-    return codes.get("exit", code)
+    return _run(parser.prog, run, log_file=args.log_file)
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -154,9 +152,10 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(prog: str, body, log_file: str | None = None) -> int:
+    """Call `body`; its return value (None: 0) is the exit code, and user errors become one line and a code."""
     setup_logging(log_file)
     try:
-        body()
+        return body() or EXIT_OK
     except PneumoError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         if log_file:  # jobs that read only their log file see why the run failed
@@ -170,4 +169,3 @@ def _run(prog: str, body, log_file: str | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_OK

@@ -26,11 +26,18 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
         best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
     else:
         raise ValueError(f"unknown threshold method {method!r}")
-    chosen = min(float(thresholds[best]), 1.0)
-    # Halfway down to the next lower score: the same decisions on this data, but no image sits on
-    # the boundary, where float32 vs float64 or another backend could flip it.
-    below = probs[probs < chosen]
-    return (chosen + float(below.max())) / 2 if below.size else chosen / 2
+    return _off_the_boundary(probs, min(float(thresholds[best]), 1.0), "down")
+
+
+def _off_the_boundary(probs: np.ndarray, score: float, direction: str) -> float:
+    """Halfway from `score` to the next lower (down) or higher (up) score, or to 0 or 1: the same
+    decisions on this data, but no image sits on the boundary, where float32 vs float64 or another
+    backend could flip it."""
+    if direction == "down":
+        below = probs[probs < score]
+        return float((score + below.max()) / 2 if below.size else score / 2)
+    above = probs[probs > score]
+    return float((score + above.min()) / 2 if above.size else (score + 1) / 2)
 
 
 # Clinically used operating points, each chosen on validation: the highest threshold that keeps
@@ -47,13 +54,11 @@ def operating_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         if measure == "sensitivity":
             pos = np.sort(probs[labels == 1])[::-1]
             score = pos[int(np.ceil(target * len(pos))) - 1]  # that many positives at or above it
-            below = probs[probs < score]
-            out[f"{measure}>={target:.2f}"] = float((score + below.max()) / 2 if below.size else score / 2)
+            out[f"{measure}>={target:.2f}"] = _off_the_boundary(probs, score, "down")
         else:
             neg = np.sort(probs[labels == 0])
             score = neg[int(np.ceil(target * len(neg))) - 1]  # that many negatives at or below it
-            above = probs[probs > score]
-            out[f"{measure}>={target:.2f}"] = float((score + above.min()) / 2 if above.size else (score + 1) / 2)
+            out[f"{measure}>={target:.2f}"] = _off_the_boundary(probs, score, "up")
     return out
 
 

@@ -84,7 +84,7 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batc
     if not files:
         raise PneumoError(f"no image files found in {', '.join(inputs)}")
     dev = resolve_device(device)
-    model = prepare(model, dev) if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule) else model.to(dev)
+    model = prepare(model, dev)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):

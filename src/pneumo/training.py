@@ -192,8 +192,8 @@ def _resume_state(cfg: Config, run_dir: Path) -> dict:
     if not path.exists():
         raise PneumoError(f"nothing to resume: {path} does not exist (run without --resume to start)")
     ckpt = load_checkpoint(path)
-    changed = sorted(set(_flat(to_dict(cfg)).items()) ^ set(_flat(ckpt["config"]).items()))
-    changed = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
+    new, old = _flat(to_dict(cfg)), _flat(ckpt["config"])
+    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise PneumoError(f"the config differs from the run being resumed in {run_dir} at: {', '.join(changed)}")
     return ckpt
