@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -13,7 +12,7 @@ from torch import nn
 from pneumo.config import AugmentConfig
 from pneumo.data.augment import augment
 from pneumo.errors import PneumoError
-from pneumo.progress import progress
+from pneumo.progress import batches
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,11 +109,10 @@ def train_one_epoch(
     """
     model.train()
     order = torch.randperm(len(labels), generator=gen)
-    steps = math.ceil(len(labels) / batch_size)
     total, seen = torch.zeros((), device=device), 0
     data_time = PhaseTimer(device)
-    for step in progress(range(steps), total=steps, desc=desc, unit="batch"):
-        batch = order[step * batch_size : (step + 1) * batch_size]
+    for part in batches(len(labels), batch_size, desc):
+        batch = order[part]
         rows = slice(rank, None, world)
         with data_time.measure():
             idx = batch[rows]
@@ -143,10 +141,9 @@ def train_one_epoch(
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "predicting") -> np.ndarray:
     """Probabilities of pneumonia for uint8 images (N, H, W)."""
     model.eval()
-    steps = math.ceil(len(images) / batch_size)
     out = []
-    for step in progress(range(steps), total=steps, desc=desc, unit="batch"):
-        x = to_input(images[step * batch_size : (step + 1) * batch_size], device)
+    for part in batches(len(images), batch_size, desc):
+        x = to_input(images[part], device)
         with autocast(device):
             out.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(out).double().numpy() if out else np.zeros(0)

@@ -7,7 +7,7 @@ import numpy as np
 from pneumo import numpy_nn
 from pneumo.config import from_dict
 from pneumo.models import INPUT_MEAN, INPUT_STD
-from pneumo.progress import progress
+from pneumo.progress import batches
 
 
 def numpy_model_from_checkpoint(ckpt: dict, dtype=np.float64) -> numpy_nn.SmallCNN:
@@ -23,9 +23,8 @@ def numpy_model_from_checkpoint(ckpt: dict, dtype=np.float64) -> numpy_nn.SmallC
 def predict_numpy(model: numpy_nn.SmallCNN, images: np.ndarray, batch_size: int, desc: str = "predicting (numpy)") -> np.ndarray:
     """Probabilities of pneumonia for uint8 images (N, H, W), as engine.predict computes them with torch."""
     dtype = model.features[0].params["weight"].dtype
-    steps = -(-len(images) // batch_size)
     out = []
-    for step in progress(range(steps), total=steps, desc=desc, unit="batch"):
-        x = images[step * batch_size : (step + 1) * batch_size, None].astype(dtype) / 255
+    for part in batches(len(images), batch_size, desc):
+        x = images[part, None].astype(dtype) / 255
         out.append(numpy_nn.sigmoid(model.forward(x)))
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

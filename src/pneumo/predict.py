@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from pneumo.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumo.config import from_dict
+from pneumo.config import DataConfig, from_dict
 from pneumo.data.folder import IMAGE_SUFFIXES
 from pneumo.data.images import decode_all
 from pneumo.engine import predict, prepare, resolve_device
 from pneumo.errors import CheckpointError, OutputLocked, PneumoError
-from pneumo.progress import log, progress
+from pneumo.progress import batches, log
 
 COLUMNS = ["path", "probability", "label", "model", "error"]
 
@@ -68,11 +68,8 @@ def find_images(inputs: list[str]) -> list[str]:
 
 
 def checkpoint_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batch_size: int = 64, device: str = "auto", workers: int = 0) -> Summary:
@@ -96,9 +93,8 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, batc
         try:
             if os.fstat(fd).st_size == 0:
                 _append(fd, _rows([COLUMNS]))
-            steps = -(-len(todo) // batch_size)
-            for step in progress(range(steps), total=steps, desc="predicting", unit="batch"):
-                paths = todo[step * batch_size : (step + 1) * batch_size]
+            for part in batches(len(todo), batch_size, "predicting"):
+                paths = todo[part]
                 # Memory stays at one batch of images, whatever the number of files.
                 images, errors = decode_all(paths, size, max_pixels, skip_bad=True, workers=workers, desc="decoding")
                 ok = [i for i in range(len(paths)) if i not in errors]
@@ -125,7 +121,7 @@ def _load_model(path) -> tuple[torch.nn.Module, int, float, int]:
     try:
         if is_torchscript(path):
             model, meta = load_torchscript(path)
-            return model, meta["image_size"], meta["threshold"], from_dict({}).data.max_pixels
+            return model, meta["image_size"], meta["threshold"], DataConfig().max_pixels
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path)  # validates the config it carries, naming the file
         cfg = from_dict(ckpt["config"], source=str(path))

@@ -34,6 +34,13 @@ def add_log_file(path) -> logging.Handler:
     return handler
 
 
+def batches(n: int, batch_size: int, desc: str) -> Iterator[slice]:
+    """Consecutive slices of `batch_size` covering range(n), the last one possibly shorter, with progress."""
+    steps = -(-n // batch_size)
+    for step in progress(range(steps), total=steps, desc=desc, unit="batch"):
+        yield slice(step * batch_size, (step + 1) * batch_size)
+
+
 def progress(items: Iterable, total: int, desc: str, unit: str = "it", every_s: float = 30.0) -> Iterator:
     if sys.stderr.isatty():
         yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

@@ -25,11 +25,8 @@ CHUNK = 1 << 20
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download(url: str, dest: str | Path, md5: str, timeout: float = 60) -> Path:
