@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PneumoError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        # Say so plainly: torch's own message for such files suggests loading with weights_only=False.
+        raise PneumoError(f"{path} is not a readable checkpoint (not a file saved by torch)")
     try:
         # weights_only: a checkpoint is data; loading one must never run code from it.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
