@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(path, crash)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_new_file(tmp_path):
+    # Temp files are created 0600; a checkpoint on a shared machine must be readable as usual.
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "shared.pt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o640
 
 
 def test_round_trip(tmp_path, tiny_config):

@@ -1,12 +1,10 @@
 """CSV manifests, MedMNIST npz files, DICOM, format detection, the preprocessing cache."""
 
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import SHARED_DATA, needs_shared, tiny_raw
 from pneumo.config import from_dict

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+from importlib import resources
 import zipfile
 from pathlib import Path
 
 import torch
 
-from pneumo.config import ConfigError, from_dict
+from pneumo.config import Config, ConfigError, apply_override, from_dict
 from pneumo.errors import PneumoError
 from pneumo.models import SmallCNN, build_model
 
 FORMAT = "pneumo-checkpoint/1"
+# The model shipped with pneumo (models/ in the repository, installed as the package pneumo.weights).
+BUNDLED_MODEL = "kermany.pt"
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -25,6 +28,7 @@ def atomic_write(path: str | Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; others on the machine may need to read results
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -33,6 +37,13 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """What open() would give a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -59,6 +70,28 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PneumoError(f"{path} is not a pneumo checkpoint (expected format {FORMAT})")
     return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a checkpoint was trained with, adapted to this machine by `overrides`
+    (`data.root=DIR`, `device=cpu`...)."""
+    raw = ckpt["config"]
+    for item in overrides:
+        raw = apply_override(raw, item)
+    return from_dict(raw, source=f"{path} with --set {' '.join(overrides)}" if overrides else str(path))
+
+
+def bundled_checkpoint() -> Path:
+    """The trained model that ships with pneumo, used when a command is given no --checkpoint."""
+    candidates = [Path(__file__).resolve().parents[2] / "models" / BUNDLED_MODEL]  # a source checkout
+    try:
+        candidates.insert(0, Path(str(resources.files("pneumo.weights") / BUNDLED_MODEL)))  # an installed wheel
+    except ModuleNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PneumoError(f"no --checkpoint given, and the bundled model {BUNDLED_MODEL} is not installed; name a checkpoint with --checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> SmallCNN:

@@ -24,7 +24,7 @@ EXIT_CHECKPOINT, EXIT_SOME_BAD, EXIT_LOCKED = 3, 4, 5
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pneumo-train", description="Train the pneumonia classifier as a config file says.")
     parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/quickstart.yaml")
-    _add_set(parser)
+    add_set_option(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     args = parser.parse_args(argv)
 
@@ -35,14 +35,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
         train(cfg, resume=args.resume)
 
-    return _run(parser.prog, run)
+    return run_command(parser.prog, run)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pneumo-evaluate", description="Evaluate a trained checkpoint on one data split.")
-    parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by pneumo-train")
+    parser.add_argument("--checkpoint", help="a best.pt or last.pt written by pneumo-train (default: the bundled Kermany model)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
-    _add_set(parser)
+    add_set_option(parser)
     parser.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     parser.add_argument(
         "--backend", default="torch", choices=["torch", "numpy"],
@@ -60,13 +60,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         from pneumo.evaluation import evaluate
         from pneumo.metrics import format_table
 
+        checkpoint = args.checkpoint or _bundled()
         metrics = evaluate(
-            args.checkpoint, args.out, args.split, args.set, args.backend, args.bootstrap, args.seed, args.explain, args.explain_file
+            checkpoint, args.out, args.split, args.set, args.backend, args.bootstrap, args.seed, args.explain, args.explain_file
         )
-        print(f"{args.split} split, {args.checkpoint}:")
+        print(f"{args.split} split, {checkpoint}:")
         print(format_table(metrics))
 
-    return _run(parser.prog, run)
+    return run_command(parser.prog, run)
 
 
 def predict_main(argv: list[str] | None = None) -> int:
@@ -77,7 +78,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         "4 some files could not be scored (see the error column); 5 another run is writing OUT; 130 interrupted",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or CSV lists of paths")
-    parser.add_argument("--checkpoint", required=True, help="a best.pt written by pneumo-train")
+    parser.add_argument("--checkpoint", help="a best.pt written by pneumo-train, or an export (default: the bundled Kermany model)")
     parser.add_argument("--out", required=True, help="the CSV to write or extend")
     parser.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time (bounds memory)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -91,12 +92,12 @@ def predict_main(argv: list[str] | None = None) -> int:
 
         from pneumo.progress import log
 
-        summary = run_predict(args.checkpoint, args.inputs, args.out, args.batch_size, args.device)
+        summary = run_predict(args.checkpoint or _bundled(), args.inputs, args.out, args.batch_size, args.device)
         log.info("%s", summary.line(args.out))  # the log file gets the summary too
         print(f"pneumo-predict: {summary.line(args.out)}")
         return EXIT_SOME_BAD if summary.bad else EXIT_OK
 
-    return _run(parser.prog, run, log_file=args.log_file)
+    return run_command(parser.prog, run, log_file=args.log_file)
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -104,7 +105,7 @@ def export_main(argv: list[str] | None = None) -> int:
         prog="pneumo-export",
         description="Export a checkpoint to TorchScript or ONNX; the file is kept only if its outputs match the checkpoint within 1e-5.",
     )
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="a checkpoint written by pneumo-train (default: the bundled Kermany model)")
     parser.add_argument("--format", required=True, choices=["torchscript", "onnx"])
     parser.add_argument("--out", required=True, help="the file to write (.pt for TorchScript, .onnx)")
     args = parser.parse_args(argv)
@@ -112,11 +113,11 @@ def export_main(argv: list[str] | None = None) -> int:
     def run():
         from pneumo.export import export
 
-        diff = export(args.checkpoint, args.format, args.out)
+        diff = export(args.checkpoint or _bundled(), args.format, args.out)
         checked = f"largest difference from the checkpoint {diff:.1e}" if diff == diff else "not checked (no onnxruntime)"
         print(f"pneumo-export: wrote {args.out} ({args.format}); {checked}")
 
-    return _run(parser.prog, run)
+    return run_command(parser.prog, run)
 
 
 def download_main(argv: list[str] | None = None) -> int:
@@ -137,21 +138,27 @@ def download_main(argv: list[str] | None = None) -> int:
         for path in download_pneumoniamnist(args.size or [224], args.out, args.base_url):
             print(path)
 
-    return _run(parser.prog, run)
+    return run_command(parser.prog, run)
+
+
+def _bundled():
+    from pneumo.checkpoint import bundled_checkpoint
+
+    return bundled_checkpoint()
 
 
 def _exit_code(error: PneumoError) -> int:
     return EXIT_CHECKPOINT if isinstance(error, CheckpointError) else EXIT_LOCKED if isinstance(error, OutputLocked) else EXIT_INPUT
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def add_set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
     )
 
 
-def _run(prog: str, body, log_file: str | None = None) -> int:
+def run_command(prog: str, body, log_file: str | None = None) -> int:
     """Call `body`; its return value (None: 0) is the exit code, and user errors become one line and a code."""
     setup_logging(log_file)
     try:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumo.checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint
-from pneumo.config import apply_override, from_dict
+from pneumo.checkpoint import atomic_write_text, checkpoint_config, load_checkpoint, model_from_checkpoint
 from pneumo.data import bad_image_report, load_split
 from pneumo.data.images import load_image
 from pneumo.engine import predict, prepare, resolve_device
@@ -43,10 +42,7 @@ def evaluate(
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
-    raw = ckpt["config"]
-    for item in overrides:
-        raw = apply_override(raw, item)
-    cfg = from_dict(raw, source=f"{checkpoint} with --set {' '.join(overrides)}" if overrides else str(checkpoint))
+    cfg = checkpoint_config(ckpt, checkpoint, overrides)
 
     data = load_split(cfg, split)
     data.require_both_classes()

@@ -11,7 +11,10 @@ from pneumo.errors import PneumoError
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: float = 0.5) -> float:
     """A probability threshold (predict pneumonia when p >= threshold) chosen on validation data.
 
-    youden: maximises sensitivity + specificity - 1; max_f1: maximises F1; fixed: `fixed`.
+    youden: maximises sensitivity + specificity - 1; balanced: sensitivity closest to specificity
+    (the equal error rate), which sits between the two classes' score distributions rather than at
+    the edge of a flat optimum, so it moves less when the scores of new data shift; max_f1: maximises
+    F1; fixed: `fixed`.
     """
     if method == "fixed":
         return float(fixed)
@@ -20,6 +23,9 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     if method == "youden":
         fpr, tpr, thresholds = roc_curve(labels, probs)
         best = int(np.argmax(tpr - fpr))
+    elif method == "balanced":
+        fpr, tpr, thresholds = roc_curve(labels, probs)
+        best = int(np.argmin(np.abs(tpr - (1 - fpr))))
     elif method == "max_f1":
         precision, recall, thresholds = precision_recall_curve(labels, probs)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)

@@ -1,0 +1,86 @@
+"""The model that ships in models/: what it was trained with, what its card claims, and that the
+command lines use it when given no checkpoint."""
+
+import csv
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import KERMANY224, needs_shared
+from pneumo import checkpoint as checkpoint_module
+from pneumo.checkpoint import BUNDLED_MODEL, bundled_checkpoint, load_checkpoint
+from pneumo.cli import evaluate_main, export_main, predict_main
+from pneumo.export import load_torchscript
+from pneumo.config import load_config, to_dict
+from pneumo.predict import checkpoint_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / BUNDLED_MODEL
+CARD = ROOT / "models" / "README.md"
+
+
+def test_bundled_model_is_small_and_was_trained_by_the_shipped_recipe():
+    assert bundled_checkpoint() == MODEL
+    assert MODEL.stat().st_size <= 10 * 2**20
+    ckpt = load_checkpoint(MODEL)
+    trained = ckpt["config"]
+    recipe = to_dict(load_config(ROOT / "configs" / "kermany.yaml"))
+    for section in ("augment", "model", "train"):
+        assert trained[section] == recipe[section], section
+    assert trained["data"] == recipe["data"] and trained["seed"] == recipe["seed"]
+
+
+def test_the_wheel_carries_every_package_and_the_model():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
+    assert on_disk | {"pneumo.weights"} == set(setuptools["packages"])
+    assert setuptools["package-dir"]["pneumo.weights"] == "models"
+    assert "*.pt" in setuptools["package-data"]["pneumo.weights"]
+
+
+def card_value(row: str) -> float:
+    match = re.search(rf"\| {row} \| ([0-9.]+) ", CARD.read_text())
+    assert match, f"{row} not in the model card's table"
+    return float(match.group(1))
+
+
+@needs_shared
+def test_evaluate_without_checkpoint_reproduces_the_model_card(tmp_path):
+    out = tmp_path / "val"
+    code = evaluate_main(["--split", "val", "--set", f"data.root={KERMANY224}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                          "--bootstrap", "0", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(MODEL)
+    for key, row in (("auc", "ROC AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity")):
+        assert metrics[key] == pytest.approx(card_value(row), abs=5e-4), key
+
+
+@needs_shared
+def test_predict_without_checkpoint_scores_real_xrays(tmp_path):
+    out = tmp_path / "scores.csv"
+    assert predict_main([str(KERMANY224 / "val"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 16 and {r["model"] for r in rows} == {checkpoint_hash(MODEL)}
+    labels = [int("/PNEUMONIA/" in r["path"]) for r in rows]
+    probs = [float(r["probability"]) for r in rows]
+    # The 16 official validation images, never used in training or selection (see the model card).
+    assert roc_auc_score(labels, probs) > 0.95
+    assert all(r["label"] == "PNEUMONIA" for r, y in zip(rows, labels) if y)
+
+
+def test_export_without_checkpoint_exports_the_bundled_model(tmp_path):
+    assert export_main(["--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    _, meta = load_torchscript(tmp_path / "m.pt")
+    assert meta["threshold"] == load_checkpoint(MODEL)["threshold"] and meta["checkpoint"] == checkpoint_hash(MODEL)
+
+
+def test_a_missing_bundled_model_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint_module, "BUNDLED_MODEL", "missing.pt")
+    assert predict_main([str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "no --checkpoint given" in err and "Traceback" not in err
