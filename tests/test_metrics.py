@@ -52,6 +52,18 @@ def test_thresholds():
     assert choose_threshold(np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3]), "max_f1") == pytest.approx(0.05)
 
 
+def test_balanced_threshold_equalizes_sensitivity_and_specificity():
+    def gap(t):
+        m = binary_metrics(LABELS, PROBS, t)
+        return abs(m["sensitivity"] - m["specificity"])
+
+    t = choose_threshold(LABELS, PROBS, "balanced")
+    # Here 5/6 against 3/4 or 4/6 against 3/4 at best; the tie goes to the higher threshold (0.6),
+    # set halfway down to the next score: 0.575.
+    assert gap(t) == pytest.approx(min(gap(p) for p in PROBS)) == pytest.approx(1 / 12)
+    assert t == pytest.approx(0.575)
+
+
 def test_one_class_is_an_error():
     with pytest.raises(PneumoError, match="one class only"):
         binary_metrics(np.ones(5), np.linspace(0, 1, 5), 0.5)

@@ -12,9 +12,7 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     """A probability threshold (predict pneumonia when p >= threshold) chosen on validation data.
 
     youden: maximises sensitivity + specificity - 1; balanced: sensitivity closest to specificity
-    (the equal error rate), which sits between the two classes' score distributions rather than at
-    the edge of a flat optimum, so it moves less when the scores of new data shift; max_f1: maximises
-    F1; fixed: `fixed`.
+    (the equal error rate: neither kind of error favoured); max_f1: maximises F1; fixed: `fixed`.
     """
     if method == "fixed":
         return float(fixed)
