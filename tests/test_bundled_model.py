@@ -14,8 +14,8 @@ from conftest import KERMANY224, needs_shared
 from pneumo import checkpoint as checkpoint_module
 from pneumo.checkpoint import BUNDLED_MODEL, bundled_checkpoint, load_checkpoint
 from pneumo.cli import evaluate_main, export_main, predict_main
-from pneumo.export import load_torchscript
 from pneumo.config import load_config, to_dict
+from pneumo.export import load_torchscript
 from pneumo.predict import checkpoint_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +26,12 @@ CARD = ROOT / "models" / "README.md"
 def test_bundled_model_is_small_and_was_trained_by_the_shipped_recipe():
     assert bundled_checkpoint() == MODEL
     assert MODEL.stat().st_size <= 10 * 2**20
-    ckpt = load_checkpoint(MODEL)
-    trained = ckpt["config"]
-    recipe = to_dict(load_config(ROOT / "configs" / "kermany.yaml"))
-    for section in ("augment", "model", "train"):
-        assert trained[section] == recipe[section], section
-    assert trained["data"] == recipe["data"] and trained["seed"] == recipe["seed"]
+    # Trained by `pneumo-train --config configs/kermany.yaml`, with nothing overridden.
+    assert load_checkpoint(MODEL)["config"] == to_dict(load_config(ROOT / "configs" / "kermany.yaml"))
 
 
-def test_the_wheel_carries_every_package_and_the_model():
+def test_packaging_lists_every_package_and_the_model():
+    # Packages are listed by hand because models/ is mapped into the wheel as pneumo.weights.
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {".".join(p.parent.relative_to(ROOT / "src").parts) for p in (ROOT / "src").rglob("__init__.py")}
     assert on_disk | {"pneumo.weights"} == set(setuptools["packages"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from importlib import resources
 import zipfile
+from importlib import resources
 from pathlib import Path
 
 import torch

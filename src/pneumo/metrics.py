@@ -18,12 +18,10 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
         return float(fixed)
     _require_both_classes(labels)
     probs = np.asarray(probs, dtype=np.float64)
-    if method == "youden":
+    if method in ("youden", "balanced"):
         fpr, tpr, thresholds = roc_curve(labels, probs)
-        best = int(np.argmax(tpr - fpr))
-    elif method == "balanced":
-        fpr, tpr, thresholds = roc_curve(labels, probs)
-        best = int(np.argmin(np.abs(tpr - (1 - fpr))))
+        # specificity = 1 - fpr; ties go to the first, i.e. the highest, threshold
+        best = int(np.argmax(tpr - fpr) if method == "youden" else np.argmin(np.abs(tpr - (1 - fpr))))
     elif method == "max_f1":
         precision, recall, thresholds = precision_recall_curve(labels, probs)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
