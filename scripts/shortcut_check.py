@@ -23,9 +23,10 @@ def main() -> int:
         from pneumo.shortcuts import shortcut_check
 
         checkpoint = args.checkpoint or bundled_checkpoint()
+        results = shortcut_check(checkpoint, args.split, args.set)
         print(f"{args.split} split, {checkpoint}")
         print(f"{'condition':24s} {'AUC':>7s} {'accuracy':>9s} {'sensitivity':>12s} {'specificity':>12s}")
-        for name, m in shortcut_check(checkpoint, args.split, args.set).items():
+        for name, m in results.items():
             print(f"{name:24s} {m['auc']:7.4f} {m['accuracy']:9.3f} {m['sensitivity']:12.3f} {m['specificity']:12.3f}")
 
     return run_command(parser.prog, run)

@@ -35,3 +35,23 @@ def test_pipeline_benchmark_reports_both_pipelines(tmp_path):
     assert 0 <= report["pneumo"]["data_wait_fraction"] < 1
     assert report["device"].startswith("cpu") and report["settings"]["image_size"] == 32
     assert "train" in result.stdout and "ratio" in result.stdout
+
+
+def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path):
+    from conftest import tiny_raw
+    from pneumo.config import from_dict
+    from pneumo.training import train
+
+    train(from_dict(tiny_raw(tmp_path / "run", train={"epochs": 1})))
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "shortcut_check.py"), *args], capture_output=True, text=True, timeout=120)
+
+    result = run("--checkpoint", str(tmp_path / "run" / "best.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line[:24].strip(): line.split()[-4:] for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"as is", "shapes swapped", "NORMAL detail lowered"}
+    assert all(0 <= float(v) <= 1 for values in rows.values() for v in values)
+
+    bad = run("--checkpoint", str(tmp_path / "none.pt"))
+    assert bad.returncode == 2 and "none.pt does not exist" in bad.stderr and "Traceback" not in bad.stderr and not bad.stdout
