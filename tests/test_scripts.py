@@ -50,7 +50,7 @@ def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path):
     result = run("--checkpoint", str(tmp_path / "run" / "best.pt"))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line[:24].strip(): line.split()[-4:] for line in result.stdout.splitlines()[2:]}
-    assert set(rows) == {"as is", "shapes swapped", "NORMAL detail lowered"}
+    assert set(rows) == {"as is", "shapes swapped", "NORMAL detail lowered", "corners blanked"}
     assert all(0 <= float(v) <= 1 for values in rows.values() for v in values)
 
     bad = run("--checkpoint", str(tmp_path / "none.pt"))

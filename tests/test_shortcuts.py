@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import KERMANY224, needs_shared
-from pneumo.shortcuts import ASPECT_GAP, blur, stretch_width, without_cues
+from pneumo.shortcuts import ASPECT_GAP, blank_corners, blur, stretch_width, without_cues
 
 
 def bar(width: int, size: int = 64) -> np.ndarray:
@@ -39,11 +39,22 @@ def test_blur_lowers_detail_and_keeps_brightness():
 def test_without_cues_swaps_the_shapes_of_the_classes():
     images = np.concatenate([bar(24), bar(24)])
     out = without_cues(images, np.array([0, 1]))
-    assert set(out) == {"as is", "shapes swapped", "NORMAL detail lowered"}
+    assert set(out) == {"as is", "shapes swapped", "NORMAL detail lowered", "corners blanked"}
     normal, pneumonia = out["shapes swapped"][:1], out["shapes swapped"][1:]
     assert bright_width(normal) == pytest.approx(24 / ASPECT_GAP, abs=1)
     assert bright_width(pneumonia) == pytest.approx(24 * ASPECT_GAP, abs=1)
     assert (out["NORMAL detail lowered"][1] == images[1]).all()  # PNEUMONIA images untouched
+
+
+def test_blank_corners_covers_the_four_corners_with_the_mean():
+    images = np.arange(2 * 10 * 10, dtype=np.uint8).reshape(2, 10, 10)
+    out = blank_corners(images)
+    for i in range(2):
+        mean = round(images[i].mean())
+        for rows in (slice(0, 2), slice(8, 10)):
+            for cols in (slice(0, 2), slice(8, 10)):
+                assert (out[i, rows, cols] == mean).all()
+    assert (out[:, 2:8] == images[:, 2:8]).all() and (out[:, :, 2:8] == images[:, :, 2:8]).all()
 
 
 @needs_shared
