@@ -79,13 +79,14 @@ def _erase(x: torch.Tensor, apply: torch.Tensor, area: torch.Tensor, ratio: torc
     """Fill one rectangle per chosen image (`area` of the image, width/height `ratio`, centred at
     (`cx`, `cy`) in [0, 1], clipped at the border) with that image's mean."""
     h, w = x.shape[-2:]
+    # Only the per-image numbers travel to the device; the (B, H, W) mask is built there.
+    area, ratio, cx, cy, apply = (v.to(x.device) for v in (area, ratio, cx, cy, apply))
     half_w = (area * ratio).sqrt() / 2
     half_h = (area / ratio).sqrt() / 2
 
     def inside(centre, half, n):
-        pos = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        pos = (torch.arange(n, dtype=torch.float64, device=x.device) + 0.5) / n
         return (pos[None, :] - centre[:, None]).abs() < half[:, None]
 
     mask = inside(cy, half_h, h)[:, :, None] & inside(cx, half_w, w)[:, None, :] & apply[:, None, None]
-    mask = mask[:, None].to(x.device)
-    return torch.where(mask, x.mean(dim=(1, 2, 3), keepdim=True), x)
+    return torch.where(mask[:, None], x.mean(dim=(1, 2, 3), keepdim=True), x)
