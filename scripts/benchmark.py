@@ -14,20 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from pneumo.benchmark import bench_pneumo, bench_typical, default_workers, model_flops_per_image, peak_bf16_tflops
 from pneumo.config import load_config
-from pneumo.data.synthetic import make_split
-from pneumo.engine import resolve_device
-
-
-def write_synthetic(root: Path, n: int, size: int) -> None:
-    images, labels = make_split("train", n, size, 0.5, seed=0)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / "train" / ("PNEUMONIA" if label else "NORMAL")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.jpeg", quality=90)
+from pneumo.data.synthetic import write_folder
+from pneumo.device import resolve_device
 
 
 def main() -> int:
@@ -37,7 +28,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1024, help="synthetic images to write (default 1024)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers of the typical pipeline")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="DataLoader workers of the typical pipeline"
+    )
     parser.add_argument("--quick", action="store_true", help="256 synthetic images: about a minute on 2 CPU cores")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -47,7 +40,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else Path(tmp) / "xray"
         if not args.data:
-            write_synthetic(root, 256 if args.quick else args.images, size)
+            write_folder(root, {"train": 256 if args.quick else args.images}, size, suffix=".jpeg")
         pneumo = bench_pneumo(root, size, cfg.model, device, args.batch, Path(tmp) / "cache", cfg.train.precision)
         typical = bench_typical(root, size, cfg.model, device, args.batch, args.workers)
 
@@ -55,9 +48,18 @@ def main() -> int:
         "pneumo": pneumo,
         "typical": typical,
         "ratio": {k: pneumo[k] / typical[k] for k in ("train_images_per_s", "load_images_per_s", "infer_images_per_s")},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "settings": {"image_size": size, "channels": cfg.model.channels, "batch": args.batch, "workers": args.workers,
-                     "images": pneumo["images"], "data": args.data or "synthetic JPEG", "torch": torch.__version__},
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "settings": {
+            "image_size": size,
+            "channels": cfg.model.channels,
+            "batch": args.batch,
+            "workers": args.workers,
+            "images": pneumo["images"],
+            "data": args.data or "synthetic JPEG",
+            "torch": torch.__version__,
+        },
     }
     peak = peak_bf16_tflops(device)
     if peak:
@@ -65,9 +67,16 @@ def main() -> int:
         report["pneumo"]["train_tflops"] = achieved
         report["pneumo"]["fraction_of_bf16_peak"] = achieved / peak
 
-    print(f"{report['device']}, {pneumo['images']} images at {size}x{size}, batch {args.batch}, pneumo trains in {pneumo['train_dtype']}")
+    print(
+        f"{report['device']}, {pneumo['images']} images at {size}x{size}, batch {args.batch}, pneumo "
+        f"trains in {pneumo['train_dtype']}"
+    )
     print(f"{'images/s':<12} {'pneumo':>10} {'typical':>10} {'ratio':>7}")
-    for key, name in (("train_images_per_s", "train"), ("load_images_per_s", "load"), ("infer_images_per_s", "inference")):
+    for key, name in (
+        ("train_images_per_s", "train"),
+        ("load_images_per_s", "load"),
+        ("infer_images_per_s", "inference"),
+    ):
         print(f"{name:<12} {pneumo[key]:10.1f} {typical[key]:10.1f} {report['ratio'][key]:7.2f}")
     print(f"pneumo spent {100 * pneumo['data_wait_fraction']:.1f}% of its training time preparing batches")
     if args.json:

@@ -17,7 +17,7 @@ import torch
 
 from pneumo import numpy_nn
 from pneumo.config import load_config
-from pneumo.engine import prepare, to_input
+from pneumo.device import prepare, to_input
 from pneumo.models import INPUT_MEAN, INPUT_STD, build_model
 
 
@@ -33,7 +33,9 @@ def best_time(fn, repeats: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/kermany.yaml", help="the model section of this config is benchmarked")
+    parser.add_argument(
+        "--config", default="configs/kermany.yaml", help="the model section of this config is benchmarked"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="also write the results to this file")
@@ -56,21 +58,30 @@ def main() -> int:
         x = torch.from_numpy(images[:, None].astype(np.float32) / 255)
         results["torch_nchw_f32"] = best_time(lambda: model(x), args.repeats)
     for name, dtype in (("numpy_f32", np.float32), ("numpy_f64", np.float64)):
-        net = numpy_nn.SmallCNN(cfg.model.channels, cfg.model.stem_stride, cfg.model.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype)
+        net = numpy_nn.SmallCNN(
+            cfg.model.channels, cfg.model.stem_stride, cfg.model.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype
+        )
         net.load_state_dict(state)
         net.eval()
         xn = images[:, None].astype(dtype) / 255
-        results[name] = best_time(lambda: net.forward(xn), args.repeats)
+        results[name] = best_time(lambda net=net, xn=xn: net.forward(xn), args.repeats)
 
     reference = results["torch_channels_last_f32"]
-    print(f"forward of {args.batch} images at {size}x{size}, channels {cfg.model.channels}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"forward of {args.batch} images at {size}x{size}, channels {cfg.model.channels}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'':26} {'ms':>8} {'x torch':>8}")
     for name, seconds in results.items():
         print(f"{name:26} {seconds * 1000:8.1f} {seconds / reference:8.2f}")
     if args.json:
         report = {
-            "batch": args.batch, "image_size": size, "channels": cfg.model.channels, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "seconds": results,
+            "batch": args.batch,
+            "image_size": size,
+            "channels": cfg.model.channels,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "seconds": results,
             "ratio_numpy_f32_to_torch": results["numpy_f32"] / reference,
             "ratio_numpy_f64_to_torch": results["numpy_f64"] / reference,
         }

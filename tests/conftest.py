@@ -1,14 +1,27 @@
+"""Shared test helpers: paths, tiny configs, a trained tiny model, synthetic image folders, and
+running the command lines the way users and cron jobs do."""
+
+import contextlib
+import io
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
 
 from pneumo.config import from_dict
+from pneumo.data.synthetic import make_split
 
+ROOT = Path(__file__).resolve().parents[1]
 # The real Kermany files live beside the checkout (../shared/data); PNEUMO_SHARED_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 KERMANY224 = SHARED_DATA / "kermany224"
 FULLRES = SHARED_DATA / "kermany_fullres_sample"
+TIMING = ("train_images_per_s", "epoch_s", "data_wait_fraction")
 
 needs_shared = pytest.mark.skipif(not KERMANY224.is_dir(), reason=f"real data not found at {SHARED_DATA}")
 
@@ -19,8 +32,12 @@ def tiny_raw(out_dir, **sections) -> dict:
         "seed": 0,
         "device": "cpu",
         # The decoded-image cache goes beside the run, never into the home folder of whoever runs the tests.
-        "data": {"format": "synthetic", "image_size": 32, "cache_dir": str(Path(out_dir).parent / "cache"),
-                 "synthetic": {"n_train": 96, "n_val": 48, "n_test": 48}},
+        "data": {
+            "format": "synthetic",
+            "image_size": 32,
+            "cache_dir": str(Path(out_dir).parent / "cache"),
+            "synthetic": {"n_train": 96, "n_val": 48, "n_test": 48},
+        },
         "model": {"channels": [8, 16], "stem_stride": 1},
         "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0},
         "output": {"dir": str(out_dir)},
@@ -39,3 +56,66 @@ def tiny_config(tmp_path):
         return from_dict(tiny_raw(tmp_path / "run", **sections))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """best.pt of a tiny model trained for one epoch, shared by the tests that only read it."""
+    from pneumo.training import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(from_dict(tiny_raw(out, train={"epochs": 1})))
+    return out / "best.pt"
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def history(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its timings, which differ from run to run."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def make_images(folder: Path, n: int, size: int = 40) -> list[Path]:
+    """n synthetic X-rays as PNG files in two subfolders of `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = make_split("test", n, size, 0.5, seed=5)
+    paths = []
+    for i, image in enumerate(images):
+        sub = folder / ("a" if i % 2 else "b")  # nested, to exercise the recursive search
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(image).save(sub / f"img{i:04d}.png")
+        paths.append(sub / f"img{i:04d}.png")
+    return paths
+
+
+def run_script(script: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
+    """scripts/SCRIPT as a real process, with no terminal and no stdin, as cron runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def call(main, *args) -> subprocess.CompletedProcess:
+    """A command line in this process (same code path, no interpreter start-up): exit code and stderr."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def assert_clean_failure(result, *phrases, code: int = 2) -> None:
+    """One line on stderr that names the problem, the documented exit code, no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in error_lines[0], error_lines[0]

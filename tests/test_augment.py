@@ -35,7 +35,7 @@ def test_shift_moves_content():
     assert not torch.allclose(y, x)
 
 
-ONLY = dict(rotate_deg=0, translate=0, scale=0, brightness=0, contrast=0)
+ONLY = {"rotate_deg": 0, "translate": 0, "scale": 0, "brightness": 0, "contrast": 0}
 
 
 def square(size=64, lo=24, hi=40):
@@ -63,8 +63,8 @@ def test_hflip_mirrors_about_half_the_images():
     x = torch.zeros(200, 1, 16, 16)
     x[..., :, :4] = 1  # a bar on the left
     y = augment(x, AugmentConfig(hflip=0.5, **ONLY), torch.Generator().manual_seed(0))
-    mirrored = torch.tensor([torch.allclose(img, src.flip(-1), atol=1e-5) for img, src in zip(y, x)])
-    kept = torch.tensor([torch.allclose(img, src, atol=1e-5) for img, src in zip(y, x)])
+    mirrored = torch.tensor([torch.allclose(img, src.flip(-1), atol=1e-5) for img, src in zip(y, x, strict=True)])
+    kept = torch.tensor([torch.allclose(img, src, atol=1e-5) for img, src in zip(y, x, strict=True)])
     assert bool((mirrored ^ kept).all())  # every image is exactly one of the two
     assert 70 < int(mirrored.sum()) < 130
 
@@ -74,7 +74,9 @@ def test_gamma_changes_exposure_but_keeps_black_and_white():
     y = augment(x, AugmentConfig(gamma=0.5, **ONLY), torch.Generator().manual_seed(0))
     means = y.mean((1, 2, 3))
     assert means.max() - means.min() > 0.1
-    assert torch.allclose(y[..., 0], torch.zeros(()), atol=1e-3) and torch.allclose(y[..., -1], torch.ones(()), atol=1e-3)
+    assert torch.allclose(y[..., 0], torch.zeros(()), atol=1e-3) and torch.allclose(
+        y[..., -1], torch.ones(()), atol=1e-3
+    )
     assert bool((y[..., 1:] >= y[..., :-1] - 1e-5).all())  # still monotone: order of grey levels kept
 
 
@@ -87,7 +89,7 @@ def test_erase_blanks_one_rectangle_to_the_image_mean():
     assert 150 < int(hit.sum()) < 250
     # Erased area: 2% to 20% of the image (less where the border cuts it; plus pixel rounding at 32x32).
     assert changed[hit].max() <= 0.24 and changed[hit].median() > 0.03
-    fill = [float(img[mask].median()) for img, mask in zip(y[hit][:10], erased[hit][:10])]
+    fill = [float(img[mask].median()) for img, mask in zip(y[hit][:10], erased[hit][:10], strict=True)]
     assert torch.allclose(torch.tensor(fill), x[hit][:10].mean((1, 2, 3)), atol=1e-6)
 
 
@@ -109,4 +111,6 @@ def test_blur_softens_edges_by_a_random_amount_per_image():
     width = ((y > 0.05) & (y < 0.95)).float().sum(-1).mean((1, 2))  # pixels in the ramp, per row
     assert width.min() < 2 and width.max() >= 4  # from nearly sharp to a ramp of several pixels
     assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-4)  # blur keeps brightness
-    assert torch.allclose(y[..., :4], torch.zeros(()), atol=1e-4) and torch.allclose(y[..., -4:], torch.ones(()), atol=1e-4)
+    assert torch.allclose(y[..., :4], torch.zeros(()), atol=1e-4) and torch.allclose(
+        y[..., -4:], torch.ones(()), atol=1e-4
+    )

@@ -5,20 +5,18 @@ import csv
 import json
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import KERMANY224, needs_shared
+from conftest import KERMANY224, ROOT, needs_shared
 from pneumo import checkpoint as checkpoint_module
-from pneumo.checkpoint import BUNDLED_MODEL, bundled_checkpoint, load_checkpoint
+from pneumo.checkpoint import BUNDLED_MODEL, TrainedModel, bundled_checkpoint
 from pneumo.cli import evaluate_main, export_main, predict_main
-from pneumo.config import load_config, to_dict
+from pneumo.config import load_config
 from pneumo.export import load_torchscript
-from pneumo.predict import checkpoint_hash
+from pneumo.fileio import file_sha256
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / BUNDLED_MODEL
 CARD = ROOT / "models" / "README.md"
 
@@ -27,7 +25,7 @@ def test_bundled_model_is_small_and_was_trained_by_the_shipped_recipe():
     assert bundled_checkpoint() == MODEL
     assert MODEL.stat().st_size <= 10 * 2**20
     # Trained by `pneumo-train --config configs/kermany.yaml`, with nothing overridden.
-    assert load_checkpoint(MODEL)["config"] == to_dict(load_config(ROOT / "configs" / "kermany.yaml"))
+    assert TrainedModel.load(MODEL).config == load_config(ROOT / "configs" / "kermany.yaml")
 
 
 def test_packaging_lists_every_package_and_the_model():
@@ -48,12 +46,29 @@ def card_value(row: str) -> float:
 @needs_shared
 def test_evaluate_without_checkpoint_reproduces_the_model_card(tmp_path):
     out = tmp_path / "val"
-    code = evaluate_main(["--split", "val", "--set", f"data.root={KERMANY224}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-                          "--bootstrap", "0", "--out", str(out)])
+    code = evaluate_main(
+        [
+            "--split",
+            "val",
+            "--set",
+            f"data.root={KERMANY224}",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--bootstrap",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(MODEL)
-    for key, row in (("auc", "ROC AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity")):
+    for key, row in (
+        ("auc", "ROC AUC"),
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+    ):
         assert metrics[key] == pytest.approx(card_value(row), abs=5e-4), key
 
 
@@ -62,18 +77,18 @@ def test_predict_without_checkpoint_scores_real_xrays(tmp_path):
     out = tmp_path / "scores.csv"
     assert predict_main([str(KERMANY224 / "val"), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 16 and {r["model"] for r in rows} == {checkpoint_hash(MODEL)}
+    assert len(rows) == 16 and {r["model"] for r in rows} == {file_sha256(MODEL)[:16]}
     labels = [int("/PNEUMONIA/" in r["path"]) for r in rows]
     probs = [float(r["probability"]) for r in rows]
     # The 16 official validation images, never used in training or selection (see the model card).
     assert roc_auc_score(labels, probs) > 0.95
-    assert all(r["label"] == "PNEUMONIA" for r, y in zip(rows, labels) if y)
+    assert all(r["label"] == "PNEUMONIA" for r, y in zip(rows, labels, strict=True) if y)
 
 
 def test_export_without_checkpoint_exports_the_bundled_model(tmp_path):
     assert export_main(["--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
     _, meta = load_torchscript(tmp_path / "m.pt")
-    assert meta["threshold"] == load_checkpoint(MODEL)["threshold"] and meta["checkpoint"] == checkpoint_hash(MODEL)
+    assert meta["threshold"] == TrainedModel.load(MODEL).threshold and meta["checkpoint"] == file_sha256(MODEL)[:16]
 
 
 def test_a_missing_bundled_model_is_a_clean_error(tmp_path, monkeypatch, capsys):

@@ -9,49 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import KERMANY224, needs_shared, tiny_raw
-from pneumo.checkpoint import load_checkpoint
+from conftest import (
+    KERMANY224,
+    ROOT,
+    assert_clean_failure,
+    call,
+    history,
+    needs_shared,
+    run_script,
+    tiny_raw,
+    write_config,
+)
+from pneumo.checkpoint import TrainedModel, read_checkpoint
 from pneumo.cli import evaluate_main, train_main
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("train_images_per_s", "epoch_s", "data_wait_fraction")
-
-
-def run(script, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-
-
-def call(main, *args):
-    """A command line in this process (same code path, no interpreter start-up): (exit code, stderr)."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
-
-
-def write_config(path, raw) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def history(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_clean_failure(result, *phrases):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if ": error: " in line]
-    assert len(error_lines) == 1, result.stderr
-    for phrase in phrases:
-        assert phrase in error_lines[0], error_lines[0]
+run = run_script
 
 
 def test_console_scripts_are_installed():
@@ -62,10 +35,16 @@ def test_console_scripts_are_installed():
 
 def test_killed_run_resumes_exactly(tmp_path):
     """Train, SIGKILL part way, --resume: the epochs equal those of a run that was never killed."""
-    raw = tiny_raw(tmp_path / "killed", data={"image_size": 48, "synthetic": {"n_train": 480, "n_val": 64, "n_test": 64}}, train={"epochs": 4})
+    raw = tiny_raw(
+        tmp_path / "killed",
+        data={"image_size": 48, "synthetic": {"n_train": 480, "n_val": 64, "n_test": 64}},
+        train={"epochs": 4},
+    )
     cfg = write_config(tmp_path / "exp.yaml", raw)
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg)], stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg)],
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
     )
     jsonl = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 90
@@ -73,7 +52,7 @@ def test_killed_run_resumes_exactly(tmp_path):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
+    done = read_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
     assert 1 <= done < 4, "the run must be killed part way for this test to mean anything"
 
     resumed = run("train.py", "--config", str(cfg), "--resume")
@@ -96,19 +75,37 @@ def test_train_then_evaluate(tmp_path):
     result = run("evaluate.py", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("auc", "f1", "accuracy", "sensitivity", "specificity", "precision", "threshold", "n", "confusion_matrix"):
+    for key in (
+        "auc",
+        "f1",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "threshold",
+        "n",
+        "confusion_matrix",
+    ):
         assert key in metrics
     assert metrics["n"] == 48 and metrics["split"] == "test"
     assert sum(map(sum, metrics["confusion_matrix"])) == 48
-    assert metrics["threshold"] == load_checkpoint(tmp_path / "run" / "best.pt")["threshold"]
+    assert metrics["threshold"] == TrainedModel.load(tmp_path / "run" / "best.pt").threshold
     assert f"ROC AUC       {metrics['auc']:.4f}" in result.stdout
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "id,label,probability,prediction" and len(rows) == 49
 
     # The validation split is the one the threshold was chosen on: evaluate reproduces training's figures.
-    val = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "val", "--out", str(tmp_path / "val"))
+    val = call(
+        evaluate_main,
+        "--checkpoint",
+        str(tmp_path / "run" / "best.pt"),
+        "--split",
+        "val",
+        "--out",
+        str(tmp_path / "val"),
+    )
     assert val.returncode == 0, val.stderr
-    best = load_checkpoint(tmp_path / "run" / "best.pt")["val_metrics"]
+    best = TrainedModel.load(tmp_path / "run" / "best.pt").val_metrics
     got = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert got["auc"] == pytest.approx(best["auc"]) and got["f1"] == pytest.approx(best["f1"])
 
@@ -138,9 +135,16 @@ def test_missing_config_and_resume_fail_cleanly(tmp_path):
 
 def test_bad_checkpoints_fail_cleanly(tmp_path):
     out = str(tmp_path / "eval")
-    assert_clean_failure(call(evaluate_main, "--checkpoint", str(tmp_path / "none.pt"), "--out", out), "none.pt does not exist")
+    # A checkpoint that cannot be used has its own exit code, the same for every command.
+    assert_clean_failure(
+        call(evaluate_main, "--checkpoint", str(tmp_path / "none.pt"), "--out", out), "none.pt does not exist", code=3
+    )
     (tmp_path / "junk.pt").write_bytes(os.urandom(256))
-    assert_clean_failure(call(evaluate_main, "--checkpoint", str(tmp_path / "junk.pt"), "--out", out), "not a readable checkpoint")
+    assert_clean_failure(
+        call(evaluate_main, "--checkpoint", str(tmp_path / "junk.pt"), "--out", out),
+        "not a readable checkpoint",
+        code=3,
+    )
     assert not (tmp_path / "eval").exists()
 
 
@@ -150,28 +154,64 @@ def test_missing_split_and_one_class_fail_cleanly(tmp_path):
     assert call(train_main, "--config", str(cfg), "--set", "train.epochs=1").returncode == 0
     ckpt = str(tmp_path / "run" / "best.pt")
     # The real data ships without its test split.
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={KERMANY224}", "--out", str(tmp_path / "e"))
+    result = call(
+        evaluate_main,
+        "--checkpoint",
+        ckpt,
+        "--set",
+        "data.format=folder",
+        "--set",
+        f"data.root={KERMANY224}",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert_clean_failure(result, "split 'test' not found")
     one_class = tmp_path / "one" / "test"
     (one_class / "NORMAL").mkdir(parents=True)
     (one_class / "PNEUMONIA").mkdir()
     for f in sorted((KERMANY224 / "val" / "PNEUMONIA").iterdir())[:3]:
         (one_class / "PNEUMONIA" / f.name).write_bytes(f.read_bytes())
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    result = call(
+        evaluate_main,
+        "--checkpoint",
+        ckpt,
+        "--set",
+        "data.format=folder",
+        "--set",
+        f"data.root={tmp_path / 'one'}",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert_clean_failure(result, "holds only PNEUMONIA images")
     (one_class / "PNEUMONIA").rename(tmp_path / "moved")
     (one_class / "PNEUMONIA").mkdir()
-    result = call(evaluate_main, "--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={tmp_path / 'one'}", "--out", str(tmp_path / "e"))
+    result = call(
+        evaluate_main,
+        "--checkpoint",
+        ckpt,
+        "--set",
+        "data.format=folder",
+        "--set",
+        f"data.root={tmp_path / 'one'}",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert_clean_failure(result, "holds no images")
     assert not (tmp_path / "e").exists()
 
 
-def test_bad_config_fails_fast_in_a_real_process(tmp_path):
+def test_bad_config_is_reported_before_torch_is_imported(tmp_path):
     (tmp_path / "exp.yaml").write_text("train:\n  epochz: 3\n")
-    start = time.perf_counter()
-    result = run("train.py", "--config", str(tmp_path / "exp.yaml"))
-    assert_clean_failure(result, "unknown key 'train.epochz'")
-    assert time.perf_counter() - start < 2.5  # reported before torch is imported
+    assert_clean_failure(run("train.py", "--config", str(tmp_path / "exp.yaml")), "unknown key 'train.epochz'")
+    # torch takes seconds to import: a nightly job with a typo fails before paying for it.
+    code = (
+        "import sys; from pneumo.cli import train_main; code = train_main(['--config', sys.argv[1]]); "
+        "sys.exit(10 if 'torch' in sys.modules else code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "exp.yaml")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
 
 
 def test_argument_errors_exit_2():
@@ -183,10 +223,31 @@ def test_evaluation_report(tmp_path):
     cfg = write_config(tmp_path / "exp.yaml", tiny_raw(tmp_path / "run", data={"image_size": 48}, train={"epochs": 1}))
     assert call(train_main, "--config", str(cfg)).returncode == 0
     out = tmp_path / "eval"
-    result = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--bootstrap", "200", "--explain", "2",
-                  "--explain-file", str(tmp_path / "x.png"))
+    result = call(
+        evaluate_main,
+        "--checkpoint",
+        str(tmp_path / "run" / "best.pt"),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "200",
+        "--explain",
+        "2",
+        "--explain-file",
+        str(tmp_path / "x.png"),
+    )
     assert result.returncode == 2 and "x.png: file not found" in result.stderr  # a named file must exist
-    result = call(evaluate_main, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--bootstrap", "200", "--explain", "2")
+    result = call(
+        evaluate_main,
+        "--checkpoint",
+        str(tmp_path / "run" / "best.pt"),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "200",
+        "--explain",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["ci95"]) == {"auc", "accuracy", "sensitivity", "specificity", "f1"} and m["bootstrap_resamples"] == 200
@@ -197,6 +258,8 @@ def test_evaluation_report(tmp_path):
     for png in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| ROC AUC |" in report and "95% CI" in report and "![roc](roc.png)" in report and "sensitivity>=0.95" in report
+    assert (
+        "| ROC AUC |" in report and "95% CI" in report and "![roc](roc.png)" in report and "sensitivity>=0.95" in report
+    )
     assert len(m["explanations"]) == 2 and all((out / e["file"]).exists() for e in m["explanations"])
     assert m["explanations"][0]["file"] in report

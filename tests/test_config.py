@@ -22,7 +22,9 @@ def test_shipped_configs_load(name):
 
 
 def test_values_are_typed(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  epochs: 3\n  pos_weight: auto\nmodel:\n  channels: [4, 8]\n"))
+    cfg = load_config(
+        write(tmp_path, "train:\n  lr: 1e-3\n  epochs: 3\n  pos_weight: auto\nmodel:\n  channels: [4, 8]\n")
+    )
     assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
     assert cfg.train.epochs == 3 and cfg.train.pos_weight == "auto"
     assert cfg.model.channels == [4, 8]
@@ -45,7 +47,10 @@ def test_values_are_typed(tmp_path):
         ("train:\n  pos_weight: lots\n", "train.pos_weight: expected a number in [0, 1000] or one of 'auto' or null"),
         ("data: 3\n", "data: expected a section"),
         ("data:\n  format: folder\n", "data.root: must name the data"),
-        ("data:\n  image_size: 32\nmodel:\n  channels: [8, 8, 8, 8, 8]\n", "data.image_size: 32 is smaller than the model's total downsampling (64"),
+        (
+            "data:\n  image_size: 32\nmodel:\n  channels: [8, 8, 8, 8, 8]\n",
+            "data.image_size: 32 is smaller than the model's total downsampling (64",
+        ),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key):
@@ -67,8 +72,17 @@ def test_unreadable_files(tmp_path):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 3\n")
-    cfg = load_config(path, ["train.epochs=7", "data.root=/data/x", "device=cpu", "seed=5", "output.dir=out", "train.batch_size=8"])
-    assert (cfg.train.epochs, cfg.data.root, cfg.device, cfg.seed, cfg.output.dir, cfg.train.batch_size) == (7, "/data/x", "cpu", 5, "out", 8)
+    cfg = load_config(
+        path, ["train.epochs=7", "data.root=/data/x", "device=cpu", "seed=5", "output.dir=out", "train.batch_size=8"]
+    )
+    assert (cfg.train.epochs, cfg.data.root, cfg.device, cfg.seed, cfg.output.dir, cfg.train.batch_size) == (
+        7,
+        "/data/x",
+        "cpu",
+        5,
+        "out",
+        8,
+    )
     assert load_config(path, ["train.pos_weight=null"]).train.pos_weight is None
     assert load_config(path, ["model.channels=[4, 8]"]).model.channels == [4, 8]
 

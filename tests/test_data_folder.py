@@ -26,7 +26,7 @@ def test_list_split_reads_labels_from_folders(tmp_path):
     write_folder(tmp_path, {"train": 10}, size=32)
     paths, labels = list_split(tmp_path, "train")
     assert len(paths) == 10
-    assert all(("PNEUMONIA" in p) == bool(y) for p, y in zip(paths, labels))
+    assert all(("PNEUMONIA" in p) == bool(y) for p, y in zip(paths, labels, strict=True))
     assert paths[:5] == sorted(paths[:5])
 
 
@@ -49,8 +49,8 @@ def test_patient_split_keeps_patients_whole_and_classes_balanced():
     patients = [f"p{rng.integers(0, 300)}" for _ in range(1000)]
     labels = np.array([int(p[1:]) % 4 != 0 for p in patients])  # each patient has one label, 75% positive
     is_val = patient_split(patients, labels, 0.2, seed=3)
-    val_patients = {p for p, v in zip(patients, is_val) if v}
-    train_patients = {p for p, v in zip(patients, is_val) if not v}
+    val_patients = {p for p, v in zip(patients, is_val, strict=True) if v}
+    train_patients = {p for p, v in zip(patients, is_val, strict=True) if not v}
     assert not val_patients & train_patients
     for label in (0, 1):
         share = is_val[labels == label].mean()
@@ -65,8 +65,8 @@ def test_real_train_split_has_no_patient_on_both_sides():
     assert (len(paths), int(labels.sum())) == (5216, 3875)
     patients = [patient_id(p) for p in paths]
     is_val = patient_split(patients, labels, 0.15, seed=0)
-    val = {p for p, v in zip(patients, is_val) if v}
-    train = {p for p, v in zip(patients, is_val) if not v}
+    val = {p for p, v in zip(patients, is_val, strict=True) if v}
+    train = {p for p, v in zip(patients, is_val, strict=True) if not v}
     assert not val & train
     assert 0.14 < is_val.mean() < 0.17
     # Patients with several images exist, so a per-image split would have leaked some.

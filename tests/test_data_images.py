@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import FULLRES, KERMANY224, needs_shared
-from pneumo.data.images import BadImageError, decode_all, load_image
+from pneumo.data.images import decode_all, load_image
+from pneumo.errors import BadImageError
 
 
 def save(path, image: Image.Image, **kw):
@@ -29,7 +30,9 @@ def test_modes_are_converted_not_rejected(tmp_path):
         "i16.png": Image.fromarray((ramp * 65535).astype(np.uint16)),  # full 16-bit range
         "i12.png": Image.fromarray((ramp * 4095).astype(np.uint16)),  # 12 significant bits, as many scanners write
         "rgb.png": Image.fromarray((np.stack([ramp] * 3, -1) * 255).astype(np.uint8)),
-        "rgba.png": Image.fromarray(np.dstack([(np.stack([ramp] * 3, -1) * 255).astype(np.uint8), np.full((64, 64), 255, np.uint8)])),
+        "rgba.png": Image.fromarray(
+            np.dstack([(np.stack([ramp] * 3, -1) * 255).astype(np.uint8), np.full((64, 64), 255, np.uint8)])
+        ),
         "la.png": Image.fromarray((ramp * 255).astype(np.uint8)).convert("LA"),
         "p.png": Image.fromarray((ramp * 255).astype(np.uint8)).convert("P"),
         "cmyk.jpg": Image.fromarray((np.stack([ramp] * 3, -1) * 255).astype(np.uint8)).convert("CMYK"),
@@ -38,7 +41,12 @@ def test_modes_are_converted_not_rejected(tmp_path):
     for name, image in cases.items():
         out = load_image(save(tmp_path / name, image), 64).astype(float)
         # The same picture whatever the encoding: black on the left, white on the right.
-        assert out[:, :4].mean() < 12 and out[:, -4:].mean() > 243, (name, image.mode, out[:, :4].mean(), out[:, -4:].mean())
+        assert out[:, :4].mean() < 12 and out[:, -4:].mean() > 243, (
+            name,
+            image.mode,
+            out[:, :4].mean(),
+            out[:, -4:].mean(),
+        )
 
 
 def test_transparent_pixels_become_black(tmp_path):
@@ -76,8 +84,12 @@ def bad_files(tmp_path):
 
 def test_every_bad_file_is_named_with_a_reason(tmp_path):
     expected = {
-        "truncated.jpeg": "truncated", "empty.jpeg": "empty file", "text.jpeg": "cannot identify image",
-        "corrupt.png": "", "huge.png": "decompression bomb", "vanished.jpeg": "file not found",
+        "truncated.jpeg": "truncated",
+        "empty.jpeg": "empty file",
+        "text.jpeg": "cannot identify image",
+        "corrupt.png": "",
+        "huge.png": "decompression bomb",
+        "vanished.jpeg": "file not found",
     }
     for path in bad_files(tmp_path):
         with pytest.raises(BadImageError) as err:

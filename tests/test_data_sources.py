@@ -10,11 +10,11 @@ from conftest import SHARED_DATA, needs_shared, tiny_raw
 from pneumo.config import from_dict
 from pneumo.data import load_split, resolve_format
 from pneumo.data.cache import cache_key, cached_decode
-from pneumo.data.images import BadImageError, load_image
+from pneumo.data.images import load_image
 from pneumo.data.manifest import read_manifest
 from pneumo.data.npz import read_npz_split
 from pneumo.data.synthetic import write_folder
-from pneumo.errors import PneumoError
+from pneumo.errors import BadImageError, PneumoError
 
 NPZ = SHARED_DATA / "pneumoniamnist28_trainval.npz"
 
@@ -29,6 +29,7 @@ def write_csv(path, text):
 
 
 # --- CSV manifests
+
 
 def test_manifest_with_splits_and_patients(tmp_path):
     write_folder(tmp_path / "img", {"train": 8}, size=32)
@@ -61,11 +62,14 @@ def test_manifest_errors(tmp_path, text, message):
 
 
 def test_manifest_labels_are_case_insensitive_and_default_split_is_train(tmp_path):
-    rows = read_manifest(write_csv(tmp_path / "m.csv", "path,label\nperson7_virus_1.png,pneumonia\nIM-0001-0001.png,Normal\n"))
+    rows = read_manifest(
+        write_csv(tmp_path / "m.csv", "path,label\nperson7_virus_1.png,pneumonia\nIM-0001-0001.png,Normal\n")
+    )
     assert [(r.label, r.split, r.patient) for r in rows] == [(1, "train", "person7"), (0, "train", "IM-0001")]
 
 
 # --- MedMNIST npz
+
 
 @needs_shared
 def test_pneumoniamnist_npz_resized_and_missing_test_split(tmp_path):
@@ -91,6 +95,7 @@ def test_npz_of_other_shapes(tmp_path):
 
 
 # --- DICOM
+
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None, bits=12):
     pydicom = pytest.importorskip("pydicom")
@@ -154,11 +159,14 @@ def test_dicom_files_in_a_folder(tmp_path):
         (tmp_path / "d" / "train" / cls).mkdir(parents=True)
         for i in range(4):
             write_dicom(tmp_path / "d" / "train" / cls / f"IM-{offset}{i:03d}-0001.dcm", RAMP // (i + 1))
-    split = load_split(cfg_for(tmp_path, format="folder", root=str(tmp_path / "d"), val_source="carve", val_fraction=0.25), "train")
+    split = load_split(
+        cfg_for(tmp_path, format="folder", root=str(tmp_path / "d"), val_source="carve", val_fraction=0.25), "train"
+    )
     assert len(split) == 6 and split.images.shape[1:] == (32, 32)
 
 
 # --- format detection, skipping bad files, the cache
+
 
 def test_auto_format(tmp_path):
     write_folder(tmp_path / "f", {"train": 4}, size=32)
@@ -175,7 +183,13 @@ def test_bad_files_skipped_and_reported(tmp_path):
         load_split(cfg_for(tmp_path, format="folder", root=str(tmp_path / "f")), "test")
     split = load_split(cfg_for(tmp_path, format="folder", root=str(tmp_path / "f"), on_bad_image="skip"), "test")
     assert len(split) == 10
-    assert [(os.path.basename(p), r) for p, r in split.skipped] == [("IM-9999-0001.jpeg", "cannot identify image file '%s'" % (tmp_path / "f" / "test" / "NORMAL" / "IM-9999-0001.jpeg")), ("person9_virus_9.png", "empty file (0 bytes)")]
+    assert [(os.path.basename(p), r) for p, r in split.skipped] == [
+        (
+            "IM-9999-0001.jpeg",
+            "cannot identify image file '%s'" % (tmp_path / "f" / "test" / "NORMAL" / "IM-9999-0001.jpeg"),
+        ),
+        ("person9_virus_9.png", "empty file (0 bytes)"),
+    ]
 
 
 def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
@@ -194,7 +208,9 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     # A changed file (new mtime), an added file, another size: three new keys.
     os.utime(paths[0], ns=(0, 0))
     assert cache_key(paths, 16, 10**8) != key
-    assert cache_key(paths + [str(moved / "test" / "NORMAL" / os.listdir(moved / "test" / "NORMAL")[0])], 16, 10**8) != key
+    assert (
+        cache_key(paths + [str(moved / "test" / "NORMAL" / os.listdir(moved / "test" / "NORMAL")[0])], 16, 10**8) != key
+    )
     assert cache_key(paths, 32, 10**8) != key
     again, _ = cached_decode(paths, 16, 10**8, False, cache)
     assert np.array_equal(again, images) and len(list(cache.iterdir())) == 2

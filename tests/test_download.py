@@ -116,8 +116,19 @@ def test_command_line_exit_codes(tmp_path, server):
     base = server.url.rsplit("/", 1)[0]
     # The real checksums do not fit the test payload: a clean failure, exit 2, nothing left behind.
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "download_data.py"), "--size", "28", "--out", str(tmp_path), "--base-url", base],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "download_data.py"),
+            "--size",
+            "28",
+            "--out",
+            str(tmp_path),
+            "--base-url",
+            base,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "expected 28209eda62fecd6e6a2d98b1501bb15f" in result.stderr

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pneumo.config import AugmentConfig
-from pneumo.engine import predict, resolve_device, to_input, train_one_epoch
+from pneumo.device import resolve_device, to_input
+from pneumo.engine import Optimization, TrainingData, predict, train_one_epoch
 from pneumo.errors import PneumoError
 from pneumo.models import SmallCNN
 
@@ -38,11 +39,12 @@ def test_an_epoch_lowers_the_loss_and_steps_the_schedule():
     images = torch.randint(0, 120, (64, 16, 16), dtype=torch.uint8)
     labels = torch.arange(64) % 2
     images[labels == 1, 4:12, 4:12] += 120  # positives carry a bright square
-    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    gen = torch.Generator().manual_seed(0)
-    args = (images, labels, opt, sched, loss_fn, 16, AugmentConfig(enabled=False), gen, torch.device("cpu"), "test")
-    losses = [train_one_epoch(model, *args)[0] for _ in range(8)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    opt = Optimization(model, optimizer, sched, torch.nn.BCEWithLogitsLoss(), torch.float32)
+    data = TrainingData(
+        images, labels, 16, AugmentConfig(enabled=False), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    losses = [train_one_epoch(opt, data, "test")[0] for _ in range(8)]
     assert losses[-1] < 0.5 * losses[0]
     assert sched.last_epoch == 8 * 4  # stepped once per batch

@@ -5,53 +5,67 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_raw
-from pneumo.checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import make_images
+from pneumo.checkpoint import TrainedModel
 from pneumo.cli import export_main, predict_main
-from pneumo.config import from_dict
 from pneumo.errors import PneumoError
 from pneumo.export import export, is_torchscript, load_torchscript
-from pneumo.training import train
-from test_predict import make_images
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "run"
-    train(from_dict(tiny_raw(out, train={"epochs": 1})))
-    return out / "best.pt"
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint
+
+
+def network(checkpoint):
+    return TrainedModel.load(checkpoint).network()
 
 
 def test_torchscript_export_matches_and_carries_metadata(tmp_path, checkpoint):
-    diff = export(checkpoint, "torchscript", tmp_path / "m.pt")
+    diff = export(TrainedModel.load(checkpoint), "torchscript", tmp_path / "m.pt")
     assert diff <= 1e-5
     assert is_torchscript(tmp_path / "m.pt") and not is_torchscript(checkpoint)
     model, meta = load_torchscript(tmp_path / "m.pt")
-    ckpt = load_checkpoint(checkpoint)
-    assert meta["threshold"] == ckpt["threshold"] and meta["image_size"] == 32
+    assert meta["threshold"] == TrainedModel.load(checkpoint).threshold and meta["image_size"] == 32
     x = torch.rand(3, 1, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model(x), model_from_checkpoint(ckpt).eval()(x), atol=1e-5)
+        assert torch.allclose(model(x), network(checkpoint)(x), atol=1e-5)
 
 
 def test_onnx_export_matches_with_any_batch_size(tmp_path, checkpoint):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    assert export(checkpoint, "onnx", tmp_path / "m.onnx") <= 1e-5
+    assert export(TrainedModel.load(checkpoint), "onnx", tmp_path / "m.onnx") <= 1e-5
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["pneumo.json"])["image_size"] == 32
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((7, 1, 32, 32), dtype=np.float32)
     with torch.no_grad():
-        expected = model_from_checkpoint(load_checkpoint(checkpoint)).eval()(torch.from_numpy(x)).numpy()
+        expected = network(checkpoint)(torch.from_numpy(x)).numpy()
     assert np.abs(session.run(None, {"image": x})[0] - expected).max() <= 1e-5
 
 
 def test_predict_runs_an_exported_torchscript_file(tmp_path, checkpoint):
-    export(checkpoint, "torchscript", tmp_path / "m.pt")
+    export(TrainedModel.load(checkpoint), "torchscript", tmp_path / "m.pt")
     make_images(tmp_path / "imgs", 4, size=32)
-    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.csv"), str(tmp_path / "imgs")]) == 0
-    assert predict_main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "b.csv"), str(tmp_path / "imgs")]) == 0
+    assert (
+        predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.csv"), str(tmp_path / "imgs")]) == 0
+    )
+    # TorchScript is code: it runs only when the user says the file is trusted.
+    assert (
+        predict_main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "b.csv"), str(tmp_path / "imgs")])
+        == 3
+    )
+    assert not (tmp_path / "b.csv").exists()
+    args = [
+        "--trust-torchscript",
+        "--checkpoint",
+        str(tmp_path / "m.pt"),
+        "--out",
+        str(tmp_path / "b.csv"),
+        str(tmp_path / "imgs"),
+    ]
+    assert predict_main(args) == 0
     a = {r["path"]: r for r in csv.DictReader(open(tmp_path / "a.csv"))}
     b = {r["path"]: r for r in csv.DictReader(open(tmp_path / "b.csv"))}
     assert a.keys() == b.keys()
@@ -62,9 +76,14 @@ def test_predict_runs_an_exported_torchscript_file(tmp_path, checkpoint):
 
 def test_export_failures_leave_nothing(tmp_path, checkpoint, monkeypatch, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert export_main(["--checkpoint", str(tmp_path / "junk.pt"), "--format", "torchscript", "--out", str(tmp_path / "o.pt")]) == 2
+    assert (
+        export_main(
+            ["--checkpoint", str(tmp_path / "junk.pt"), "--format", "torchscript", "--out", str(tmp_path / "o.pt")]
+        )
+        == 3
+    )
     # An export whose outputs drift from the checkpoint is refused and not written.
     monkeypatch.setattr("pneumo.export.TOLERANCE", -1.0)
     with pytest.raises(PneumoError, match="differs from the checkpoint"):
-        export(checkpoint, "torchscript", tmp_path / "o.pt")
+        export(TrainedModel.load(checkpoint), "torchscript", tmp_path / "o.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]

@@ -3,7 +3,15 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from pneumo.errors import PneumoError
-from pneumo.metrics import bce, binary_metrics, bootstrap_ci, calibration, choose_threshold, format_table, operating_points
+from pneumo.metrics import (
+    bce,
+    binary_metrics,
+    bootstrap_ci,
+    calibration,
+    choose_threshold,
+    format_table,
+    operating_points,
+)
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 PROBS = np.array([0.1, 0.3, 0.6, 0.2, 0.8, 0.7, 0.4, 0.9, 0.65, 0.55])
@@ -43,7 +51,10 @@ def test_thresholds():
     # Youden's J = sensitivity + specificity - 1: 0.667 at 0.65 (4/6, 4/4), 0.583 at 0.55 (5/6, 3/4),
     # 0.75 at 0.4 (6/6, 3/4): the best. The threshold sits halfway to the next lower score, 0.3.
     assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.35)
-    assert binary_metrics(LABELS, PROBS, 0.35)["confusion_matrix"] == binary_metrics(LABELS, PROBS, 0.4)["confusion_matrix"]
+    assert (
+        binary_metrics(LABELS, PROBS, 0.35)["confusion_matrix"]
+        == binary_metrics(LABELS, PROBS, 0.4)["confusion_matrix"]
+    )
     t = choose_threshold(LABELS, PROBS, "max_f1")
     best = max(binary_metrics(LABELS, PROBS, p)["f1"] for p in PROBS)
     assert binary_metrics(LABELS, PROBS, t)["f1"] == pytest.approx(best)
@@ -86,17 +97,21 @@ def test_operating_points_meet_their_targets_on_validation():
     y = rng.integers(0, 2, 400)
     p = np.clip(0.35 * y + rng.random(400) * 0.65, 0, 1)
     points = operating_points(y, p)
-    assert set(points) == {"sensitivity>=0.90", "sensitivity>=0.95", "sensitivity>=0.99", "specificity>=0.90", "specificity>=0.95"}
+    assert set(points) == {
+        "sensitivity>=0.90",
+        "sensitivity>=0.95",
+        "sensitivity>=0.99",
+        "specificity>=0.90",
+        "specificity>=0.95",
+    }
     for name, threshold in points.items():
         measure, target = name.split(">=")
         m = binary_metrics(y, p, threshold)
         assert m[measure] >= float(target)
-        # ...and is the highest threshold that does (sensitivity) / the lowest (specificity): one step
-        # further and the target is missed.
-        nudged = p[p < threshold].max() if measure == "sensitivity" else p[p > threshold].min()
-        worse = binary_metrics(y, p, nudged + 1e-12 if measure == "sensitivity" else nudged + 1e-12)
-        if measure == "sensitivity":
-            assert worse["sensitivity"] <= m["sensitivity"]
+        # ...and is the highest threshold that does (sensitivity) / the lowest (specificity): moved past
+        # the next score in that direction, the target is missed.
+        beyond = p[p > threshold].min() + 1e-9 if measure == "sensitivity" else p[p < threshold].max() - 1e-9
+        assert binary_metrics(y, p, beyond)[measure] < float(target), name
         assert not np.isclose(p, threshold).any()
 
 

@@ -6,25 +6,27 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KERMANY224, needs_shared
-from pneumo.checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import KERMANY224, needs_shared, tiny_raw
+from pneumo.checkpoint import TrainedModel
+from pneumo.config import from_dict
 from pneumo.data.images import decode_all
-from pneumo.engine import predict, prepare
-from pneumo.evaluation import evaluate
-from pneumo.numpy_backend import numpy_model_from_checkpoint, predict_numpy
+from pneumo.device import prepare
+from pneumo.engine import predict
+from pneumo.evaluation import EvalOptions, evaluate
+from pneumo.numpy_backend import numpy_classifier, predict_numpy
 from pneumo.training import train
 
 
 @pytest.fixture(scope="module")
 def production_checkpoint(tmp_path_factory):
     """The production architecture (4 blocks, 224x224), trained briefly so BatchNorm holds real statistics."""
-    from pneumo.config import from_dict
-
-    from conftest import tiny_raw
-
     out = tmp_path_factory.mktemp("prod") / "run"
-    raw = tiny_raw(out, data={"image_size": 224, "synthetic": {"n_train": 64, "n_val": 32, "n_test": 32}},
-                   model={"channels": [16, 32, 64, 128], "stem_stride": 2}, train={"epochs": 1})
+    raw = tiny_raw(
+        out,
+        data={"image_size": 224, "synthetic": {"n_train": 64, "n_val": 32, "n_test": 32}},
+        model={"channels": [16, 32, 64, 128], "stem_stride": 2},
+        train={"epochs": 1},
+    )
     train(from_dict(raw))
     return out / "best.pt"
 
@@ -36,26 +38,26 @@ def real_images(n=16) -> np.ndarray:
 
 @needs_shared
 def test_numpy_matches_torch_on_real_xrays(production_checkpoint):
-    ckpt = load_checkpoint(production_checkpoint)
+    model = TrainedModel.load(production_checkpoint)
     images = real_images()
-    net = numpy_model_from_checkpoint(ckpt)
-    p_numpy = predict_numpy(net, images, batch_size=8)
+    p_numpy = predict_numpy(numpy_classifier(model), images, batch_size=8)
 
     # float64 on both sides: the two implementations agree to rounding.
-    torch_model = model_from_checkpoint(ckpt).double().eval()
+    torch_model = model.network().double()
     with torch.no_grad():
         p_torch64 = torch.sigmoid(torch_model(torch.from_numpy(images[:, None] / 255.0))).numpy()
     assert np.abs(p_numpy - p_torch64).max() <= 1e-6
     assert np.abs(p_numpy - p_torch64).max() < 1e-12  # in fact
     # Against the production float32 torch path as well.
-    p_torch32 = predict(prepare(model_from_checkpoint(ckpt), torch.device("cpu")), torch.from_numpy(images), 8, torch.device("cpu"))
+    p_torch32 = predict(prepare(model.network(), torch.device("cpu")), torch.from_numpy(images), 8, torch.device("cpu"))
     assert np.abs(p_numpy - p_torch32).max() < 1e-5
     assert p_numpy.std() > 1e-3  # distinct images get distinct outputs
 
 
 def test_evaluate_with_numpy_backend_gives_the_same_metrics(production_checkpoint, tmp_path):
-    torch_metrics = evaluate(production_checkpoint, tmp_path / "torch", "val")
-    numpy_metrics = evaluate(production_checkpoint, tmp_path / "numpy", "val", backend="numpy")
+    model = TrainedModel.load(production_checkpoint)
+    torch_metrics = evaluate(model, "val", tmp_path / "torch")
+    numpy_metrics = evaluate(model, "val", tmp_path / "numpy", EvalOptions(backend="numpy"))
     assert numpy_metrics.pop("backend") == "numpy" and torch_metrics.pop("backend") == "torch"
     assert numpy_metrics["confusion_matrix"] == torch_metrics["confusion_matrix"]
     for key in ("auc", "f1", "accuracy", "sensitivity", "specificity", "precision"):

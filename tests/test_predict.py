@@ -10,44 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from conftest import tiny_raw
+from conftest import ROOT, make_images, run_script
 from pneumo.cli import predict_main
-from pneumo.config import from_dict
-from pneumo.data.synthetic import make_split
 from pneumo.predict import COLUMNS, find_images
-from pneumo.training import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "run"
-    train(from_dict(tiny_raw(out, train={"epochs": 1})))
-    return out / "best.pt"
-
-
-def make_images(folder: Path, n: int, size: int = 40) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    images, _ = make_split("test", n, size, 0.5, seed=5)
-    paths = []
-    for i, image in enumerate(images):
-        sub = folder / ("a" if i % 2 else "b")  # nested, to exercise the recursive search
-        sub.mkdir(exist_ok=True)
-        Image.fromarray(image).save(sub / f"img{i:04d}.png")
-        paths.append(sub / f"img{i:04d}.png")
-    return paths
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint
 
 
 def read(out: Path) -> list[dict]:
-    with open(out, newline="") as f:
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
 
 
 def predict_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return run_script("predict.py", *args)
 
 
 def test_scores_folders_files_and_csv_lists(tmp_path, checkpoint):
@@ -84,7 +64,11 @@ def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
     make_images(tmp_path / "imgs", 300, size=64)
     out = tmp_path / "scores.csv"
     args = ["--checkpoint", checkpoint, "--out", out, "--batch-size", "8", tmp_path / "imgs"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)], stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
         time.sleep(0.01)
@@ -97,7 +81,7 @@ def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
         f.write("/half/a/line.png,0.12")
     result = predict_cli(*args)
     assert result.returncode == 0, result.stderr
-    assert "incomplete line" in result.stderr
+    assert "incomplete row" in result.stderr
     rows = read(out)
     assert len(rows) == 300 and len({r["path"] for r in rows}) == 300
     assert all(r["probability"] and not r["error"] for r in rows)
@@ -115,7 +99,9 @@ def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, che
     assert result.returncode == 5 and "another pneumo-predict (pid 4242) is writing scores.csv" in result.stderr
     os.close(fd)  # the holder dies: its lock goes with it, the file stays behind
     assert lock.exists()
-    result = predict_cli("--checkpoint", checkpoint, "--out", out, "--log-file", tmp_path / "job.log", tmp_path / "imgs")
+    result = predict_cli(
+        "--checkpoint", checkpoint, "--out", out, "--log-file", tmp_path / "job.log", tmp_path / "imgs"
+    )
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "job.log").read_text()
     assert "2 to score with model" in log and "2 files: 2 scored, 0 unusable" in log
@@ -125,7 +111,10 @@ def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, che
 def test_exit_codes_for_bad_arguments_and_checkpoints(tmp_path, checkpoint):
     make_images(tmp_path / "imgs", 1)
     (tmp_path / "junk.pt").write_bytes(os.urandom(100))
-    assert predict_cli("--checkpoint", tmp_path / "junk.pt", "--out", tmp_path / "o.csv", tmp_path / "imgs").returncode == 3
+    assert (
+        predict_cli("--checkpoint", tmp_path / "junk.pt", "--out", tmp_path / "o.csv", tmp_path / "imgs").returncode
+        == 3
+    )
     result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "o.csv", tmp_path / "missing")
     assert result.returncode == 2 and "input" in result.stderr and "does not exist" in result.stderr
     assert predict_cli("--checkpoint", checkpoint, tmp_path / "imgs").returncode == 2  # no --out

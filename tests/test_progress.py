@@ -17,7 +17,9 @@ def test_batch_jobs_get_plain_log_lines(caplog):
         items = list(progress(range(5), total=5, desc="decoding", unit="img", every_s=0))
     assert items == [0, 1, 2, 3, 4]
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("decoding: 1/5 img (") and len(lines) == 4  # none for the last item: the caller reports the end
+    assert (
+        lines[0].startswith("decoding: 1/5 img (") and len(lines) == 4
+    )  # none for the last item: the caller reports the end
     assert all("\r" not in line for line in lines)
 
 

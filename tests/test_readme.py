@@ -1,6 +1,4 @@
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def quickstart_commands() -> list[str]:

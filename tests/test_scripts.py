@@ -1,15 +1,26 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_script
 
 
 def test_numpy_benchmark_reports_every_backend(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark_numpy.py"), "--batch", "2", "--repeats", "1", "--json", str(tmp_path / "b.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark_numpy.py"),
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b.json").read_text())
@@ -22,9 +33,26 @@ def test_pipeline_benchmark_reports_both_pipelines(tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text("data:\n  image_size: 32\nmodel:\n  channels: [8, 16]\n  stem_stride: 1\n")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(cfg), "--images", "64", "--batch", "16",
-         "--workers", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "--config",
+            str(cfg),
+            "--images",
+            "64",
+            "--batch",
+            "16",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "b.json").read_text())
@@ -37,21 +65,17 @@ def test_pipeline_benchmark_reports_both_pipelines(tmp_path):
     assert "train" in result.stdout and "ratio" in result.stdout
 
 
-def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path):
-    from conftest import tiny_raw
-    from pneumo.config import from_dict
-    from pneumo.training import train
-
-    train(from_dict(tiny_raw(tmp_path / "run", train={"epochs": 1})))
-
-    def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "shortcut_check.py"), *args], capture_output=True, text=True, timeout=120)
-
-    result = run("--checkpoint", str(tmp_path / "run" / "best.pt"))
+def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path, trained_checkpoint):
+    result = run_script("shortcut_check.py", "--checkpoint", trained_checkpoint)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line[:24].strip(): line.split()[-4:] for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"as is", "shapes swapped", "NORMAL detail lowered", "corners blanked"}
     assert all(0 <= float(v) <= 1 for values in rows.values() for v in values)
 
-    bad = run("--checkpoint", str(tmp_path / "none.pt"))
-    assert bad.returncode == 2 and "none.pt does not exist" in bad.stderr and "Traceback" not in bad.stderr and not bad.stdout
+    bad = run_script("shortcut_check.py", "--checkpoint", tmp_path / "none.pt")
+    assert (
+        bad.returncode == 3
+        and "none.pt does not exist" in bad.stderr
+        and "Traceback" not in bad.stderr
+        and not bad.stdout
+    )

@@ -7,7 +7,7 @@ from pneumo.shortcuts import ASPECT_GAP, blank_corners, blur, stretch_width, wit
 
 def bar(width: int, size: int = 64) -> np.ndarray:
     image = np.zeros((1, size, size), np.uint8)
-    image[:, 8:56, (size - width) // 2:(size + width) // 2] = 255
+    image[:, 8:56, (size - width) // 2 : (size + width) // 2] = 255
     return image
 
 
@@ -18,7 +18,9 @@ def bright_width(images: np.ndarray) -> float:
 def detail(images: np.ndarray) -> float:
     """Mean absolute Laplacian: how much fine detail the images hold."""
     a = images.astype(float)
-    return float(np.abs(4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]).mean())
+    return float(
+        np.abs(4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]).mean()
+    )
 
 
 def test_stretch_width_scales_the_content_about_the_centre():

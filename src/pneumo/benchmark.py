@@ -20,7 +20,8 @@ from torch import nn
 from pneumo.config import AugmentConfig, ModelConfig
 from pneumo.data.cache import cached_decode
 from pneumo.data.folder import list_split
-from pneumo.engine import predict, prepare, train_one_epoch, training_dtype
+from pneumo.device import prepare, training_dtype
+from pneumo.engine import Optimization, TrainingData, predict, train_one_epoch
 from pneumo.models import build_model
 
 
@@ -29,7 +30,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_pneumo(root: Path, size: int, model_cfg: ModelConfig, device: torch.device, batch: int, cache_dir: Path, precision: str = "auto") -> dict:
+def bench_pneumo(
+    root: Path,
+    size: int,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    batch: int,
+    cache_dir: Path,
+    precision: str = "auto",
+) -> dict:
     paths, labels = list_split(root, "train")
     cached_decode(paths, size, 10**8, False, cache_dir)  # the first run's decode, not timed here
     start = time.perf_counter()
@@ -43,16 +52,16 @@ def bench_pneumo(root: Path, size: int, model_cfg: ModelConfig, device: torch.de
 
     torch.manual_seed(0)
     model = prepare(build_model(model_cfg), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    loss_fn = nn.BCEWithLogitsLoss()
-    gen = torch.Generator().manual_seed(0)
-    args = (model, images, y, opt, sched, loss_fn, batch, AugmentConfig(), gen, device, "benchmark: pneumo")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dtype = training_dtype(precision, device)
-    train_one_epoch(*args, dtype=dtype)  # warm-up: allocator, cuDNN autotuning
+    opt = Optimization(
+        model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), nn.BCEWithLogitsLoss(), dtype
+    )
+    data = TrainingData(images, y, batch, AugmentConfig(), torch.Generator().manual_seed(0), device)
+    train_one_epoch(opt, data, "benchmark: pneumo")  # warm-up: allocator, cuDNN autotuning
     _sync(device)
     start = time.perf_counter()
-    _, data_s = train_one_epoch(*args, dtype=dtype)
+    _, data_s = train_one_epoch(opt, data, "benchmark: pneumo")
     _sync(device)
     train_s = time.perf_counter() - start
 
@@ -62,27 +71,46 @@ def bench_pneumo(root: Path, size: int, model_cfg: ModelConfig, device: torch.de
     _sync(device)
     infer_s = time.perf_counter() - start
     n = len(paths)
-    return {"train_images_per_s": n / train_s, "load_images_per_s": n / load_s, "infer_images_per_s": n / infer_s,
-            "data_wait_fraction": data_s / train_s, "images": n, "train_dtype": str(dtype).removeprefix("torch.")}
+    return {
+        "train_images_per_s": n / train_s,
+        "load_images_per_s": n / load_s,
+        "infer_images_per_s": n / infer_s,
+        "data_wait_fraction": data_s / train_s,
+        "images": n,
+        "train_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
-def bench_typical(root: Path, size: int, model_cfg: ModelConfig, device: torch.device, batch: int, workers: int) -> dict:
+def _typical_datasets(root: Path, size: int):
     from torchvision import datasets, transforms
 
     # The usual transforms; normalization is left to the model, which does it for both pipelines alike.
-    train_tf = transforms.Compose([
-        transforms.Grayscale(1), transforms.Resize((size, size)),
-        transforms.RandomAffine(7, translate=(0.05, 0.05), scale=(0.92, 1.08)), transforms.ColorJitter(0.1, 0.1),
-        transforms.ToTensor(),
-    ])
+    train_tf = transforms.Compose(
+        [
+            transforms.Grayscale(1),
+            transforms.Resize((size, size)),
+            transforms.RandomAffine(7, translate=(0.05, 0.05), scale=(0.92, 1.08)),
+            transforms.ColorJitter(0.1, 0.1),
+            transforms.ToTensor(),
+        ]
+    )
     eval_tf = transforms.Compose([transforms.Grayscale(1), transforms.Resize((size, size)), transforms.ToTensor()])
-    train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    eval_set = datasets.ImageFolder(str(root / "train"), transform=eval_tf)
+    return (
+        datasets.ImageFolder(str(root / "train"), transform=train_tf),
+        datasets.ImageFolder(str(root / "train"), transform=eval_tf),
+    )
+
+
+def bench_typical(
+    root: Path, size: int, model_cfg: ModelConfig, device: torch.device, batch: int, workers: int
+) -> dict:
+    train_set, eval_set = _typical_datasets(root, size)
     pin = device.type == "cuda"
 
     def loader(ds, shuffle):
-        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=workers, pin_memory=pin,
-                                           persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=batch, shuffle=shuffle, num_workers=workers, pin_memory=pin, persistent_workers=False
+        )
 
     n = len(train_set)
     start = time.perf_counter()
@@ -118,7 +146,12 @@ def bench_typical(root: Path, size: int, model_cfg: ModelConfig, device: torch.d
             torch.sigmoid(model(x.to(device, non_blocking=True))).cpu()
     _sync(device)
     infer_s = time.perf_counter() - start
-    return {"train_images_per_s": n / train_s, "load_images_per_s": n / load_s, "infer_images_per_s": n / infer_s, "images": n}
+    return {
+        "train_images_per_s": n / train_s,
+        "load_images_per_s": n / load_s,
+        "infer_images_per_s": n / infer_s,
+        "images": n,
+    }
 
 
 def peak_bf16_tflops(device: torch.device) -> float | None:
@@ -126,14 +159,22 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0)):
+    for key, tflops in (
+        ("H200", 989.0),
+        ("H100", 989.0),
+        ("A100", 312.0),
+        ("L4", 121.0),
+        ("A10", 125.0),
+        ("4090", 165.0),
+    ):
         if key in name:
             return tflops
     return None
 
 
 def model_flops_per_image(model_cfg: ModelConfig, size: int) -> float:
-    """Training FLOPs per image: 3x the forward multiply-adds of the convolutions and the linear layer, x2 FLOPs each."""
+    """Training FLOPs per image: 3x the forward multiply-adds of the convolutions and the linear "
+    "layer, x2 FLOPs each."""
     macs, c_in, hw = 0, 1, size
     for i, c in enumerate(model_cfg.channels):
         hw = math.ceil(hw / (model_cfg.stem_stride if i == 0 else 1))

@@ -1,84 +1,208 @@
-"""Checkpoints and other run files: written atomically, read with clear errors."""
+"""Trained models on disk: the one place that writes checkpoints and the one that reads them.
+
+A checkpoint is data, never code: it is read with torch's weights-only unpickler, its tensors carry a
+checksum that loading verifies, and everything in it is checked before a command uses it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
-import tempfile
+import stat
 import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from pneumo.config import Config, ConfigError, apply_override, from_dict
-from pneumo.errors import PneumoError
-from pneumo.models import SmallCNN, build_model
+from pneumo import __version__
+from pneumo.config import Config, apply_override, config_hash, from_dict, to_dict
+from pneumo.errors import CheckpointError, ConfigError, PneumoError
+from pneumo.fileio import atomic_write, file_sha256
+from pneumo.models import Classifier, build_model
 
-FORMAT = "pneumo-checkpoint/1"
+FORMAT = "pneumo-checkpoint/2"
+READABLE_FORMATS = ("pneumo-checkpoint/1", FORMAT)
 # The model shipped with pneumo (models/ in the repository, installed as the package pneumo.weights).
 BUNDLED_MODEL = "kermany.pt"
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, then rename it over `path`.
+@dataclass
+class TrainedModel:
+    """Everything a command needs from a checkpoint, checked: the network's weights (one state dict
+    per ensemble member), the config it was trained with, how its logits become probabilities, the
+    decision threshold and operating points chosen on validation, and where it came from."""
 
-    A crash or kill at any point leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; others on the machine may need to read results
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    config: Config
+    members: list[dict[str, torch.Tensor]]
+    threshold: float
+    threshold_method: str
+    operating_points: dict[str, float] = field(default_factory=dict)
+    val_metrics: dict = field(default_factory=dict)
+    epoch: int | list[int] = 0
+    calibration: dict = field(default_factory=lambda: {"method": "none", "scale": 1.0, "bias": 0.0})
+    provenance: dict = field(default_factory=dict)
+    path: Path | None = None
+    model_id: str = ""  # the first 16 hex digits of the file's SHA-256
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> TrainedModel:
+        """Read and check a checkpoint; `overrides` (`data.root=DIR`, `device=cpu`...) adapt its config
+        to this machine."""
+        raw = read_checkpoint(path)
+        return cls.from_payload(raw, path, overrides)
+
+    @classmethod
+    def from_payload(cls, raw: dict, path: str | Path, overrides: list[str] = ()) -> TrainedModel:
+        path = Path(path)
+        try:
+            members = raw["members"] if "members" in raw else [raw["model"]]  # format 1 held one model
+            model = cls(
+                config=_config(raw, path, overrides),
+                members=members,
+                threshold=_probability(raw.get("threshold"), "threshold", path),
+                threshold_method=str(raw.get("threshold_method", "unknown")),
+                operating_points={
+                    str(k): _probability(v, f"operating point {k}", path)
+                    for k, v in raw.get("operating_points", {}).items()
+                },
+                val_metrics=dict(raw.get("val_metrics", {})),
+                epoch=raw.get("epoch", 0),
+                calibration=dict(raw.get("calibration", {"method": "none", "scale": 1.0, "bias": 0.0})),
+                provenance=dict(raw.get("provenance", raw.get("versions", {}))),
+                path=path,
+                model_id=file_sha256(path)[:16],
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path} is not a complete pneumo checkpoint (missing or malformed {e})") from None
+        model.network()  # the weights must fit the architecture the config describes
+        return model
+
+    def network(self) -> Classifier:
+        """The torch module that maps images (N, 1, H, W) in [0, 1] to calibrated logits, in eval mode."""
+        members = []
+        for state in self.members:
+            member = build_model(self.config.model)
+            try:
+                member.load_state_dict(state)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"{self.path} does not match the model it describes: {str(e).splitlines()[0][:300]}"
+                ) from None
+            members.append(member)
+        scale, bias = float(self.calibration.get("scale", 1.0)), float(self.calibration.get("bias", 0.0))
+        return Classifier(members, scale=scale, bias=bias).eval()
+
+    def payload(self) -> dict:
+        return {
+            "config": to_dict(self.config),
+            "members": self.members,
+            "threshold": float(self.threshold),
+            "threshold_method": self.threshold_method,
+            "operating_points": self.operating_points,
+            "val_metrics": self.val_metrics,
+            "epoch": self.epoch,
+            "calibration": self.calibration,
+            "provenance": self.provenance,
+        }
 
 
-def _new_file_mode() -> int:
-    """What open() would give a new file under this process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def provenance(cfg: Config, **extra) -> dict:
+    """Which pneumo, torch and config made a file, and when."""
+    return {
+        "pneumo": __version__,
+        "torch": str(torch.__version__),
+        "config_sha256": config_hash(cfg),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    """Write `payload` (a TrainedModel's, plus anything training needs to resume) atomically, with
+    the format tag and the checksum of its weights."""
+    payload = {"format": FORMAT, **payload, "weights_sha256": weights_digest(payload["members"])}
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
+    """The checked contents of a checkpoint file: a readable format, weights that match their checksum."""
     path = Path(path)
-    if not path.is_file():
-        raise PneumoError(f"checkpoint {path} does not exist")
+    _require_regular_file(path)
     if not zipfile.is_zipfile(path):
         # Say so plainly: torch's own message for such files suggests loading with weights_only=False.
-        raise PneumoError(f"{path} is not a readable checkpoint (not a file saved by torch)")
+        raise CheckpointError(f"{path} is not a readable checkpoint (not a file saved by torch)")
     try:
         # weights_only: a checkpoint is data; loading one must never run code from it.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpickler fails on foreign bytes with any error type
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise PneumoError(f"{path} is not a readable checkpoint ({first_line})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise PneumoError(f"{path} is not a pneumo checkpoint (expected format {FORMAT})")
-    return ckpt
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line})") from None
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} is not a pneumo checkpoint (expected format {FORMAT})")
+    _check_weights(raw, path)
+    return raw
 
 
-def checkpoint_config(ckpt: dict, path: str | Path, overrides: list[str] = ()) -> Config:
-    """The config a checkpoint was trained with, adapted to this machine by `overrides`
-    (`data.root=DIR`, `device=cpu`...)."""
-    raw = ckpt["config"]
+def weights_digest(members: list[dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for i, state in enumerate(members):
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_weights(raw: dict, path: Path) -> None:
+    members = raw.get("members", [raw.get("model")])
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise CheckpointError(f"{path} holds no model weights")
+    for state in members:
+        if not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise CheckpointError(f"{path} holds model weights that are not tensors")
+    expected = raw.get("weights_sha256")
+    if expected is not None and expected != weights_digest(members):
+        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum they were saved with")
+    for state in members:
+        for name, t in state.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{path} holds non-finite weights ({name}): it cannot give usable probabilities")
+
+
+def _require_regular_file(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+
+
+def _config(raw: dict, path: Path, overrides: list[str]) -> Config:
+    config = raw["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} carries no config")
     for item in overrides:
-        raw = apply_override(raw, item)
-    return from_dict(raw, source=f"{path} with --set {' '.join(overrides)}" if overrides else str(path))
+        config = apply_override(config, item)
+    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    try:
+        return from_dict(config, source=source)
+    except ConfigError as e:
+        if overrides:
+            raise  # the user's override is at fault: a plain input error
+        raise CheckpointError(f"{path} does not carry a usable config: {e}") from None
+
+
+def _probability(value, what: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 <= value <= 1):
+        raise CheckpointError(f"{path} has no usable {what} (expected a number in [0, 1], found {value!r})")
+    return float(value)
 
 
 def bundled_checkpoint() -> Path:
@@ -91,14 +215,7 @@ def bundled_checkpoint() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise PneumoError(f"no --checkpoint given, and the bundled model {BUNDLED_MODEL} is not installed; name a checkpoint with --checkpoint")
-
-
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> SmallCNN:
-    try:
-        cfg = from_dict(ckpt["config"], source=str(path))
-        model = build_model(cfg.model)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, ConfigError, RuntimeError) as e:
-        raise PneumoError(f"{path} does not match the model it describes: {str(e).splitlines()[0][:300]}") from None
-    return model
+    raise PneumoError(
+        f"no --checkpoint given, and the bundled model {BUNDLED_MODEL} is not installed; name a "
+        "checkpoint with --checkpoint"
+    )

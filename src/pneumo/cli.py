@@ -1,178 +1,342 @@
-"""Command lines `pneumo-train`, `pneumo-evaluate`, `pneumo-predict`, `pneumo-download`: parse, load
-the config, call the library.
+"""The command lines: `python -m pneumo COMMAND` and the `pneumo-COMMAND` scripts, one parser and one
+body per command, the same code under both names.
 
-Exit codes, for scheduled jobs: 0 done; 2 a problem with the input (config, paths, images,
-checkpoint, arguments), explained in one line on stderr; 130 interrupted; 1 a bug (with traceback).
-pneumo-predict refines these: 3 the checkpoint cannot be used, 4 finished but some files could not
-be scored (listed in the output with the reason), 5 another run is writing the same output.
+Exit codes, for scheduled jobs: 0 done; 2 a problem with the input (config, paths, images, arguments),
+explained in one line on stderr; 3 the checkpoint cannot be used; 4 finished, but some files could
+not be scored (pneumo-predict); 5 another run holds the output or run directory; 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM); 1 a bug, with a traceback. Heavy modules (torch) are imported
+inside the command bodies, so a bad argument or config is reported before paying for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
-from pneumo.config import load_config
-from pneumo.errors import CheckpointError, OutputLocked, PneumoError
-from pneumo.progress import setup_logging
+import yaml
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CHECKPOINT, EXIT_SOME_BAD, EXIT_LOCKED = 3, 4, 5
+from pneumo import __version__
+from pneumo.config import load_config, to_dict
+from pneumo.errors import PneumoError
+from pneumo.logs import log, logging_to, setup_logging
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD = 0, 1, 2, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+@dataclass(frozen=True)
+class Command:
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    epilog: str = ""
+
+
+# --- pneumo train
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/quickstart.yaml")
+    _set_option(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (overrides applied) and exit")
+
+
+def _train(args) -> int | None:
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        return _print_yaml(to_dict(cfg))
+    from pneumo.training import train
+
+    train(cfg, resume=args.resume)
+    return None
+
+
+# --- pneumo evaluate
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
+    _set_option(p)
+    p.add_argument(
+        "--out", help="folder for metrics.json, predictions.csv and the report (required unless --print-config)"
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "numpy"],
+        help="torch, or the from-scratch NumPy network (float64, CPU, slower; same results)",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument(
+        "--explain", type=int, default=0, metavar="N", help="Grad-CAM overlays for the N most confident errors"
+    )
+    p.add_argument(
+        "--explain-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a Grad-CAM overlay for this image (repeatable)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the checkpoint's config (overrides applied) and exit"
+    )
+
+
+def _evaluate(args) -> int | None:
+    if args.bootstrap < 0 or args.explain < 0:
+        raise PneumoError("--bootstrap and --explain must be 0 or more")
+    if not args.out and not args.print_config:
+        raise PneumoError("--out is required: the folder for metrics.json, predictions.csv and the report")
+    from pneumo.checkpoint import TrainedModel
+    from pneumo.evaluation import EvalOptions, evaluate
+    from pneumo.metrics import format_table
+
+    model = TrainedModel.load(_checkpoint(args), args.set)
+    if args.print_config:
+        return _print_yaml(to_dict(model.config))
+    options = EvalOptions(args.backend, args.bootstrap, args.seed, args.explain, args.explain_file)
+    metrics = evaluate(model, args.split, args.out, options)
+    print(f"{args.split} split, {model.path}:")
+    print(format_table(metrics))
+    return None
+
+
+# --- pneumo predict
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or CSV lists of paths"
+    )
+    _checkpoint_option(p, "a best.pt written by pneumo-train or pneumo-calibrate, or an export")
+    p.add_argument("--out", required=True, help="the CSV to write or extend")
+    p.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time (bounds memory)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--log-file", help="also append the log lines to this file")
+    p.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="allow --checkpoint to be an exported TorchScript file (TorchScript is code: only files you trust)",
+    )
+
+
+def _predict(args) -> int:
+    if args.batch_size < 1:
+        raise PneumoError("--batch-size must be at least 1")
+    from pneumo.predict import InferenceModel, run_predict
+
+    model = InferenceModel.load(_checkpoint(args), trust_torchscript=args.trust_torchscript)
+    summary = run_predict(model, args.inputs, args.out, args.batch_size, args.device)
+    log.info("%s", summary.line(args.out))  # the log file gets the summary too
+    print(f"pneumo-predict: {summary.line(args.out)}")
+    return EXIT_SOME_BAD if summary.bad else EXIT_OK
+
+
+# --- pneumo export
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--out", required=True, help="the file to write (.pt for TorchScript, .onnx)")
+
+
+def _export(args) -> None:
+    from pneumo.checkpoint import TrainedModel
+    from pneumo.export import export
+
+    diff = export(TrainedModel.load(_checkpoint(args)), args.format, args.out)
+    checked = f"largest difference from the checkpoint {diff:.1e}" if diff == diff else "not checked (no onnxruntime)"
+    print(f"pneumo-export: wrote {args.out} ({args.format}); {checked}")
+
+
+# --- pneumo download
+
+
+def _download_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size", type=int, action="append", choices=[28, 64, 128, 224], help="image size (repeatable; default 224)"
+    )
+    p.add_argument("--out", default="data/medmnist", help="folder for the .npz files")
+    p.add_argument("--base-url", help="a mirror of MedMNIST's Zenodo files (default: Zenodo)")
+
+
+def _download(args) -> None:
+    from pneumo.data.download import MEDMNIST_BASE_URL, download_pneumoniamnist
+
+    for path in download_pneumoniamnist(args.size or [224], args.out, args.base_url or MEDMNIST_BASE_URL):
+        print(path)
+
+
+COMMANDS = {
+    "train": Command("Train the pneumonia classifier as a config file says.", _train_arguments, _train),
+    "evaluate": Command("Evaluate a trained model on one data split.", _evaluate_arguments, _evaluate),
+    "predict": Command(
+        "Score chest X-rays into a CSV (path, probability, label, model, error). Re-running skips "
+        "files already scored.",
+        _predict_arguments,
+        _predict,
+        "exit codes: 0 all scored; 2 bad arguments or inputs; 3 unusable checkpoint; 4 some files could not be scored "
+        "(see the error column); 5 another run is writing OUT; 130 interrupted; 143 terminated",
+    ),
+    "export": Command(
+        "Export a trained model to TorchScript or ONNX; the file is kept only if its outputs match "
+        "the checkpoint within 1e-5.",
+        _export_arguments,
+        _export,
+    ),
+    "download": Command(
+        "Download PneumoniaMNIST (MedMNIST, CC BY 4.0), md5-verified; an interrupted download resumes.",
+        _download_arguments,
+        _download,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pneumo COMMAND ...`"""
+    parser = argparse.ArgumentParser(prog="pneumo", description="Chest X-ray pneumonia classifier pipeline.")
+    parser.add_argument("--version", action="version", version=version_line())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.description, **_parser_style(command)))
+    args = parser.parse_args(argv)
+    return run_command(f"pneumo {args.command}", COMMANDS[args.command].run, args)
+
+
+def command_main(name: str, argv: list[str] | None = None) -> int:
+    """`pneumo-NAME ...`: the same command as `python -m pneumo NAME ...`."""
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"pneumo-{name}", **_parser_style(command))
+    command.add_arguments(parser)
+    return run_command(parser.prog, command.run, parser.parse_args(argv))
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pneumo-train", description="Train the pneumonia classifier as a config file says.")
-    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/quickstart.yaml")
-    add_set_option(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
-    args = parser.parse_args(argv)
-
-    def run():
-        cfg = load_config(args.config, args.set)
-        # torch takes seconds to import: a bad config is reported before paying for it.
-        from pneumo.training import train
-
-        train(cfg, resume=args.resume)
-
-    return run_command(parser.prog, run)
+    return command_main("train", argv)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pneumo-evaluate", description="Evaluate a trained checkpoint on one data split.")
-    parser.add_argument("--checkpoint", help="a best.pt or last.pt written by pneumo-train (default: the bundled Kermany model)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
-    add_set_option(parser)
-    parser.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
-    parser.add_argument(
-        "--backend", default="torch", choices=["torch", "numpy"],
-        help="torch (default), or the from-scratch NumPy network (float64, CPU, slower; same results)",
-    )
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none; default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    parser.add_argument("--explain", type=int, default=0, metavar="N", help="Grad-CAM overlays for the N most confident errors")
-    parser.add_argument("--explain-file", action="append", default=[], metavar="PATH", help="a Grad-CAM overlay for this image (repeatable)")
-    args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be 0 or more")
-
-    def run():
-        from pneumo.evaluation import evaluate
-        from pneumo.metrics import format_table
-
-        checkpoint = args.checkpoint or _bundled()
-        metrics = evaluate(
-            checkpoint, args.out, args.split, args.set, args.backend, args.bootstrap, args.seed, args.explain, args.explain_file
-        )
-        print(f"{args.split} split, {checkpoint}:")
-        print(format_table(metrics))
-
-    return run_command(parser.prog, run)
+    return command_main("evaluate", argv)
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pneumo-predict",
-        description="Score chest X-rays into a CSV (path, probability, label, model, error). Re-running skips files already scored.",
-        epilog="exit codes: 0 all scored; 2 bad arguments or inputs; 3 unusable checkpoint; "
-        "4 some files could not be scored (see the error column); 5 another run is writing OUT; 130 interrupted",
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or CSV lists of paths")
-    parser.add_argument("--checkpoint", help="a best.pt written by pneumo-train, or an export (default: the bundled Kermany model)")
-    parser.add_argument("--out", required=True, help="the CSV to write or extend")
-    parser.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time (bounds memory)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--log-file", help="also append the log lines to this file")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-
-    def run():
-        from pneumo.predict import run_predict
-
-        from pneumo.progress import log
-
-        summary = run_predict(args.checkpoint or _bundled(), args.inputs, args.out, args.batch_size, args.device)
-        log.info("%s", summary.line(args.out))  # the log file gets the summary too
-        print(f"pneumo-predict: {summary.line(args.out)}")
-        return EXIT_SOME_BAD if summary.bad else EXIT_OK
-
-    return run_command(parser.prog, run, log_file=args.log_file)
+    return command_main("predict", argv)
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pneumo-export",
-        description="Export a checkpoint to TorchScript or ONNX; the file is kept only if its outputs match the checkpoint within 1e-5.",
-    )
-    parser.add_argument("--checkpoint", help="a checkpoint written by pneumo-train (default: the bundled Kermany model)")
-    parser.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    parser.add_argument("--out", required=True, help="the file to write (.pt for TorchScript, .onnx)")
-    args = parser.parse_args(argv)
-
-    def run():
-        from pneumo.export import export
-
-        diff = export(args.checkpoint or _bundled(), args.format, args.out)
-        checked = f"largest difference from the checkpoint {diff:.1e}" if diff == diff else "not checked (no onnxruntime)"
-        print(f"pneumo-export: wrote {args.out} ({args.format}); {checked}")
-
-    return run_command(parser.prog, run)
+    return command_main("export", argv)
 
 
 def download_main(argv: list[str] | None = None) -> int:
-    from pneumo.data.download import MEDMNIST_BASE_URL, PNEUMONIAMNIST
-
-    parser = argparse.ArgumentParser(
-        prog="pneumo-download",
-        description="Download PneumoniaMNIST (MedMNIST, CC BY 4.0) from Zenodo, md5-verified; an interrupted download resumes.",
-    )
-    parser.add_argument("--size", type=int, action="append", choices=sorted(PNEUMONIAMNIST), help="image size (repeatable; default 224)")
-    parser.add_argument("--out", default="data/medmnist", help="folder for the .npz files (default: data/medmnist)")
-    parser.add_argument("--base-url", default=MEDMNIST_BASE_URL, help="a mirror of MedMNIST's Zenodo files")
-    args = parser.parse_args(argv)
-
-    def run():
-        from pneumo.data.download import download_pneumoniamnist
-
-        for path in download_pneumoniamnist(args.size or [224], args.out, args.base_url):
-            print(path)
-
-    return run_command(parser.prog, run)
+    return command_main("download", argv)
 
 
-def _bundled():
-    from pneumo.checkpoint import bundled_checkpoint
-
-    return bundled_checkpoint()
+class Terminated(BaseException):
+    """SIGTERM, as a batch system sends it to stop a job: handled like Ctrl-C, with its own exit code."""
 
 
-def _exit_code(error: PneumoError) -> int:
-    return EXIT_CHECKPOINT if isinstance(error, CheckpointError) else EXIT_LOCKED if isinstance(error, OutputLocked) else EXIT_INPUT
+def run_command(prog: str, body, args) -> int:
+    """Call `body(args)`; its return value (None: 0) is the exit code, and user errors become one line
+    and a documented code."""
+    setup_logging()
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")  # odd file names must not break a message
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    log_file = getattr(args, "log_file", None)
+    try:
+        with _log_file(prog, log_file):
+            return body(args) or EXIT_OK
+    except PneumoError as e:
+        return _fail(prog, str(e), e.exit_code, log_file)
+    except OSError as e:
+        # Disk full, permissions, a vanished folder: the environment, not a bug; say which file.
+        message = f"{e.strerror or e} ({e.filename})" if e.filename else str(e)
+        return _fail(prog, message, EXIT_INPUT, log_file)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def add_set_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+def _log_file(prog: str, path: str | None):
+    if path is None:
+        return logging_to(None)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise PneumoError(f"--log-file {path} cannot be written ({e.strerror})") from None
+    return logging_to(path)
+
+
+def _fail(prog: str, message: str, code: int, log_file: str | None) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if log_file:  # jobs that read only their log file see why the run failed
+        try:
+            with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {message}\n")
+        except OSError:
+            pass  # already said on stderr
+    return code
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _parser_style(command: Command) -> dict:
+    return {
+        "description": command.description,
+        "epilog": command.epilog or None,
+        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+    }
+
+
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
     )
 
 
-def run_command(prog: str, body, log_file: str | None = None) -> int:
-    """Call `body`; its return value (None: 0) is the exit code, and user errors become one line and a code."""
-    setup_logging(log_file)
+def _checkpoint_option(
+    p: argparse.ArgumentParser, what: str = "a checkpoint written by pneumo-train or pneumo-calibrate"
+) -> None:
+    p.add_argument("--checkpoint", help=f"{what} (default: the bundled Kermany model)")
+
+
+def _checkpoint(args):
+    from pneumo.checkpoint import bundled_checkpoint
+
+    return args.checkpoint or bundled_checkpoint()
+
+
+def _print_yaml(raw: dict) -> int:
+    print(yaml.safe_dump(raw, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def version_line() -> str:
     try:
-        return body() or EXIT_OK
-    except PneumoError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        if log_file:  # jobs that read only their log file see why the run failed
-            with open(log_file, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {e}\n")
-        return _exit_code(e)
-    except OSError as e:
-        # Disk full, permissions, a vanished folder: the environment, not a bug; say which file.
-        print(f"{prog}: error: {e.strerror or e} ({e.filename})" if e.filename else f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"pneumo {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"

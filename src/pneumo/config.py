@@ -7,6 +7,8 @@ starts, so a typo in a nightly job's config fails in the first second, naming th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import types
 from dataclasses import dataclass, field
@@ -15,11 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pneumo.errors import PneumoError
-
-
-class ConfigError(PneumoError):
-    pass
+from pneumo.errors import ConfigError
 
 
 def _range(lo=None, hi=None, **kw):
@@ -78,6 +76,10 @@ class AugmentConfig:
     # Probability of blanking one random rectangle (2% to 20% of the image) to the image's mean, so no
     # single region (a side marker, a corner) can decide the label.
     erase: float = field(default=0.0, metadata=_range(0, 1))
+    # Sharpness: an unsharp mask of strength uniform in [0, sharpen], as sites that enhance edges give.
+    sharpen: float = field(default=0.0, metadata=_range(0, 5))
+    # Sensor noise: Gaussian, of standard deviation uniform in [0, noise] (in units of the full range).
+    noise: float = field(default=0.0, metadata=_range(0, 0.5))
 
 
 @dataclass
@@ -101,10 +103,10 @@ class TrainConfig:
     patience: int = field(default=5, metadata=_range(0, 10_000))
     threshold: Literal["fixed", "max_f1", "youden", "balanced"] = "youden"
     fixed_threshold: float = field(default=0.5, metadata=_range(0, 1))
-    # Training arithmetic. auto: bf16 autocast on CUDA and on CPUs with AMX (measured 1.7x faster
-    # here), float32 elsewhere. Inference on a CPU is always float32, reproducible to the last digit.
+    # Training arithmetic. auto: bf16 autocast on CUDA and on CPUs with AMX, float32 elsewhere (without
+    # AMX, bf16 on a CPU is emulated). Inference on a CPU is always float32, reproducible to the last digit.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch.compile the model: +8% on a 2-core CPU for 26 s of compiling; worth it on GPUs for long runs
+    # torch.compile the model: its compile time pays back on GPUs in long runs (see docs/performance.md)
     compile: bool = False
     # Under torchrun on GPUs, BatchNorm statistics over the global batch (torch's SyncBatchNorm is GPU-only)
     sync_bn: bool = True
@@ -174,7 +176,9 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
 
 def _check_consistency(cfg: Config, source: str) -> None:
     if cfg.data.format != "synthetic" and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root: must name the data (a folder, .csv or .npz) when data.format is '{cfg.data.format}'")
+        raise ConfigError(
+            f"{source}: data.root: must name the data (a folder, .csv or .npz) when data.format is '{cfg.data.format}'"
+        )
     factor = cfg.model.stem_stride * 2 ** len(cfg.model.channels)
     if cfg.data.image_size < factor:
         raise ConfigError(
@@ -193,7 +197,9 @@ def _deepcopy(d):
 
 def _build(cls, raw: Any, source: str, prefix: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a section (a mapping), got {_show(raw)}")
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or 'top level'}: expected a section (a mapping), got {_show(raw)}"
+        )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -283,3 +289,9 @@ def _bounds(meta) -> str:
 
 def _show(value) -> str:
     return "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def config_hash(cfg: Config) -> str:
+    """The first 16 hex digits of the SHA-256 of the config as canonical JSON: same settings, same hash."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

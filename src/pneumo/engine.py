@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,134 +12,79 @@ from torch import nn
 
 from pneumo.config import AugmentConfig
 from pneumo.data.augment import augment
-from pneumo.errors import PneumoError
+from pneumo.device import autocast, to_input
+from pneumo.distributed import Context
 from pneumo.progress import batches
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PneumoError(f"device 'cuda' was asked for, but torch {torch.__version__} sees no CUDA GPU here (use device: auto or cpu)")
-    return torch.device(name)
+@dataclass
+class Optimization:
+    """What a training step needs: the module to step (possibly wrapped for DDP or compiled), the
+    optimizer and its schedule, the loss and the autocast dtype."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    dtype: torch.dtype
 
 
-def prepare(model: nn.Module, device: torch.device) -> nn.Module:
-    # channels_last lets cuDNN use tensor cores and, measured on a 2-core CPU, speeds training by ~40%.
-    return model.to(device, memory_format=torch.channels_last)
+@dataclass
+class TrainingData:
+    """The training split (uint8, on the device where possible) and how an epoch draws from it: in an
+    order and with augmentations drawn from `generator`, in global batches of which this process
+    (`ctx`) takes its rows."""
 
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    augment: AugmentConfig
+    generator: torch.Generator
+    device: torch.device
+    ctx: Context = Context()
 
-def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1] on `device`, channels_last."""
-    if device.type == "cuda" and batch.device.type == "cpu":
-        batch = batch.pin_memory()  # page-locked, so the copy below runs asynchronously
-    x = batch.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last)
+    def __len__(self) -> int:
+        return len(self.labels)
 
-
-def training_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype of training steps for train.precision on this device."""
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" or _cpu_has_amx() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
-
-
-def _cpu_has_amx() -> bool:
-    # Without AMX tiles, bf16 on a CPU is emulated and slower than float32.
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None = None):
-    """bf16 autocast on CUDA by default; on the CPU only when `dtype` asks for it (training)."""
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
-class PhaseTimer:
-    """Seconds spent inside `measure()` blocks. On CUDA it records events and reads them once at the
-    end, so measuring never makes the GPU wait."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.events: list = []
-        self.seconds = 0.0
-
-    @contextmanager
-    def measure(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            t = time.perf_counter()
-            yield
-            self.seconds += time.perf_counter() - t
-
-    def total(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
-        return self.seconds
-
-
-def train_one_epoch(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    batch_size: int,
-    aug: AugmentConfig,
-    gen: torch.Generator,
-    device: torch.device,
-    desc: str,
-    rank: int = 0,
-    world: int = 1,
-    dtype: torch.dtype | None = None,
-) -> tuple[float, float]:
-    """Train on every image once, in an order drawn from `gen`; return the mean loss and the
-    seconds spent preparing batches (indexing, copying, augmenting).
-
-    `batch_size` is the global batch: with `world` processes, each takes rows rank::world of it.
-    """
-    model.train()
-    order = torch.randperm(len(labels), generator=gen)
-    total, seen = torch.zeros((), device=device), 0
-    data_time = PhaseTimer(device)
-    for part in batches(len(labels), batch_size, desc):
-        batch = order[part]
-        rows = slice(rank, None, world)
-        with data_time.measure():
+    def batches(self, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of one epoch, float in [0, 1] and augmented, this process's rows only."""
+        order = torch.randperm(len(self.labels), generator=self.generator)
+        rows = self.ctx.rows
+        for part in batches(len(order), self.batch_size, desc):
+            batch = order[part]
             idx = batch[rows]
-            x = to_input(images[idx], device)
-            y = labels[idx].to(device, non_blocking=True).float()
-            if aug.enabled:
-                x = augment(x, aug, gen, global_batch=len(batch), rows=rows)
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
+            x = to_input(self.images[idx], self.device)
+            y = self.labels[idx].to(self.device, non_blocking=True).float()
+            if self.augment.enabled:
+                x = augment(x, self.augment, self.generator, global_batch=len(batch), rows=rows)
+            yield x, y
+
+
+def train_one_epoch(opt: Optimization, data: TrainingData, desc: str) -> tuple[float, float]:
+    """Train on every image once; return the mean loss over all processes and the seconds spent
+    preparing batches (indexing, copying, augmenting)."""
+    opt.model.train()
+    total, seen = torch.zeros((), device=data.device), 0
+    timer = PhaseTimer(data.device)
+    for x, y in timer.timed(data.batches(desc)):
+        with autocast(data.device, opt.dtype):
+            logits = opt.model(x)
+        loss = opt.loss_fn(logits.float(), y)
+        opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        opt.optimizer.step()
+        opt.scheduler.step()
         # Accumulate on the device: a .item() per step would make the GPU wait for the host.
-        total += loss.detach() * len(idx)
-        seen += len(idx)
-    if world > 1:
-        totals = torch.stack([total, torch.tensor(float(seen), device=device)])
-        torch.distributed.all_reduce(totals)
-        total, seen = totals[0], float(totals[1])
-    return float(total) / seen, data_time.total()
+        total += loss.detach() * len(y)
+        seen += len(y)
+    totals = data.ctx.sum(torch.stack([total, torch.tensor(float(seen), device=data.device)]))
+    return float(totals[0]) / float(totals[1]), timer.total()
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "predicting") -> np.ndarray:
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "predicting"
+) -> np.ndarray:
     """Probabilities of pneumonia for uint8 images (N, H, W)."""
     model.eval()
     out = []
@@ -147,3 +93,35 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: tor
         with autocast(device):
             out.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+class PhaseTimer:
+    """Seconds spent producing the items of an iterator. On CUDA it records events and reads them once
+    at the end, so measuring never makes the GPU wait."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+
+    def timed(self, items: Iterator) -> Iterator:
+        while True:
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t = time.perf_counter()
+            item = next(items, None)
+            if self.cuda:
+                end.record()
+                self.events.append((start, end))
+            else:
+                self.seconds += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    def total(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
+        return self.seconds

@@ -10,34 +10,40 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pneumo.checkpoint import atomic_write
-from pneumo.models import SmallCNN
+from pneumo.fileio import atomic_write
+from pneumo.models import Classifier
 
 
-def grad_cam(model: SmallCNN, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def grad_cam(model: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] (N, H, W) for the pneumonia logit, and the probabilities, for uint8 images (N, H, W).
 
     The last block's activations A (after its ReLU, before its pooling) are weighted by the mean
-    gradient of the logit over each channel; the weighted sum, through a ReLU, is the map.
+    gradient of the logit over each channel; the weighted sum, through a ReLU, is the map. For an
+    ensemble the channels of every member's last block enter one sum, weighted by the gradient of
+    the ensemble's logit.
     """
     model = model.float().eval()
-    last_relu = [m for m in model.features if isinstance(m, torch.nn.ReLU)][-1]
-    saved = {}
+    saved: list[dict] = []
 
     def keep(_module, _inputs, output):
-        saved["activation"] = output
-        output.register_hook(lambda grad: saved.__setitem__("gradient", grad))
+        entry = {"activation": output}
+        saved.append(entry)
+        output.register_hook(lambda grad: entry.__setitem__("gradient", grad))
 
-    handle = last_relu.register_forward_hook(keep)
+    last_relus = [[m for m in member.features if isinstance(m, torch.nn.ReLU)][-1] for member in model.members]
+    handles = [relu.register_forward_hook(keep) for relu in last_relus]
     try:
         x = torch.from_numpy(images).float().div(255).unsqueeze(1)
         logits = model(x)
         logits.sum().backward()  # each image's logit depends on that image only
     finally:
-        handle.remove()
-    a, g = saved["activation"].detach(), saved["gradient"]
-    weights = g.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * a).sum(dim=1, keepdim=True))
+        for handle in handles:
+            handle.remove()
+    cam = sum(
+        (e["gradient"].mean(dim=(2, 3), keepdim=True) * e["activation"].detach()).sum(dim=1, keepdim=True)
+        for e in saved
+    )
+    cam = F.relu(cam)
     cam = F.interpolate(cam, size=images.shape[1:], mode="bilinear", align_corners=False)[:, 0]
     cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     return cam.numpy(), torch.sigmoid(logits.detach()).numpy()

@@ -6,6 +6,7 @@ threshold, image size and provenance travel inside the file as `pneumo.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -15,33 +16,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumo.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumo.config import from_dict
+from pneumo.checkpoint import TrainedModel
 from pneumo.errors import PneumoError
-from pneumo.predict import checkpoint_hash
-from pneumo.progress import log
+from pneumo.logs import log
 
 TOLERANCE = 1e-5
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> float:
+def export(trained: TrainedModel, fmt: str, out: str | Path) -> float:
     """Write the export to `out` and return the largest difference from the checkpoint's logits."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint).eval()
-    size = from_dict(ckpt["config"]).data.image_size
+    model = trained.network()
+    size = trained.config.data.image_size
     meta = {
         "format": "pneumo-export/1",
-        "threshold": ckpt["threshold"],
+        "threshold": trained.threshold,
         "image_size": size,
         "input": "images (N, 1, H, W), float32 in [0, 1]",
         "output": "logits (N,); sigmoid(logit) is the probability of pneumonia",
-        "checkpoint": checkpoint_hash(checkpoint),
-        "model": ckpt["config"]["model"],
+        "checkpoint": trained.model_id,
+        "model": dataclasses.asdict(trained.config.model),
+        "provenance": trained.provenance,
     }
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(2, 1, size, size, generator=gen)
     # Other batch sizes than the traced one, and real-looking extremes (black, white).
-    samples = torch.cat([torch.rand(5, 1, size, size, generator=gen), torch.zeros(1, 1, size, size), torch.ones(1, 1, size, size)])
+    samples = torch.cat(
+        [torch.rand(5, 1, size, size, generator=gen), torch.zeros(1, 1, size, size), torch.ones(1, 1, size, size)]
+    )
     with torch.no_grad():
         expected = model(samples).numpy()
 
@@ -57,7 +58,9 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> float:
             raise PneumoError(f"unknown export format '{fmt}' (expected torchscript or onnx)")
         diff = float(np.abs(got - expected).max()) if got is not None else float("nan")
         if diff > TOLERANCE:
-            raise PneumoError(f"the exported model differs from the checkpoint by {diff:.2e} (more than {TOLERANCE}): not written")
+            raise PneumoError(
+                f"the exported model differs from the checkpoint by {diff:.2e} (more than {TOLERANCE}): not written"
+            )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -80,8 +83,13 @@ def _onnx(model, example, samples, meta, tmp: Path) -> np.ndarray | None:
     except ImportError:
         raise PneumoError("ONNX export needs the onnx extra: pip install 'pneumo[onnx]'") from None
     program = torch.onnx.export(
-        model, (example,), dynamo=True, input_names=["image"], output_names=["logit"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        model,
+        (example,),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["logit"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
     )
     program.save(str(tmp))
     proto = onnx.load(str(tmp))

@@ -44,7 +44,13 @@ def _off_the_boundary(probs: np.ndarray, score: float, direction: str) -> float:
 
 # Clinically used operating points, each chosen on validation: the highest threshold that keeps
 # sensitivity (or specificity) at the target.
-OPERATING_TARGETS = (("sensitivity", 0.90), ("sensitivity", 0.95), ("sensitivity", 0.99), ("specificity", 0.90), ("specificity", 0.95))
+OPERATING_TARGETS = (
+    ("sensitivity", 0.90),
+    ("sensitivity", 0.95),
+    ("sensitivity", 0.99),
+    ("specificity", 0.90),
+    ("specificity", 0.95),
+)
 
 
 def operating_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -74,14 +80,23 @@ def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
         if inside.any():
             confidence, frequency = probs[inside].mean(), labels[inside].mean()
             ece += inside.mean() * abs(confidence - frequency)
-            curve.append({"bin": b, "mean_probability": float(confidence), "fraction_pneumonia": float(frequency), "n": int(inside.sum())})
+            curve.append(
+                {
+                    "bin": b,
+                    "mean_probability": float(confidence),
+                    "fraction_pneumonia": float(frequency),
+                    "n": int(inside.sum()),
+                }
+            )
     return {"ece": float(ece), "brier": float(np.mean((probs - labels) ** 2)), "reliability": curve}
 
 
 CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def bootstrap_ci(
+    labels: np.ndarray, probs: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Percentile bootstrap intervals: the images are resampled with replacement `resamples` times."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -132,9 +147,13 @@ def bce(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def format_table(metrics: dict) -> str:
     rows = [
-        ("ROC AUC", metrics["auc"]), ("F1", metrics["f1"]), ("accuracy", metrics["accuracy"]),
-        ("sensitivity", metrics["sensitivity"]), ("specificity", metrics["specificity"]),
-        ("precision", metrics["precision"]), ("threshold", metrics["threshold"]),
+        ("ROC AUC", metrics["auc"]),
+        ("F1", metrics["f1"]),
+        ("accuracy", metrics["accuracy"]),
+        ("sensitivity", metrics["sensitivity"]),
+        ("specificity", metrics["specificity"]),
+        ("precision", metrics["precision"]),
+        ("threshold", metrics["threshold"]),
     ]
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
     lines = [f"{name:<12} {value:7.4f}" for name, value in rows]
@@ -156,4 +175,6 @@ def _ratio(a: int, b: int) -> float:
 
 def _require_both_classes(labels) -> None:
     if len(np.unique(labels)) < 2:
-        raise PneumoError("the labels hold one class only: ROC AUC and thresholds need both NORMAL and PNEUMONIA images")
+        raise PneumoError(
+            "the labels hold one class only: ROC AUC and thresholds need both NORMAL and PNEUMONIA images"
+        )

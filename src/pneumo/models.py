@@ -35,6 +35,43 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - INPUT_MEAN) / INPUT_STD)).squeeze(1)
 
+    def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """AdamW that decays only the conv and linear weights: decaying BatchNorm scales and biases
+        only fights the normalization."""
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr)
+
+    def flops_per_image(self, size: int, training: bool = True) -> float:
+        """Multiply-adds of the convolutions and the linear layer, 2 FLOPs each; training counts
+        forward and backward (gradients of inputs and weights), 3x the forward."""
+        macs, hw = 0, size
+        for conv in (m for m in self.features if isinstance(m, nn.Conv2d)):
+            hw = -(-hw // conv.stride[0])
+            macs += hw * hw * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            hw //= 2  # the block's pooling
+        macs += self.head[-1].in_features
+        return (3 if training else 1) * 2 * macs
+
+
+class Classifier(nn.Module):
+    """What a trained model runs: the mean logit of its members (one network, or an ensemble),
+    mapped by its calibration, scale * logit + bias; the sigmoid of that is the probability."""
+
+    def __init__(self, members: list[SmallCNN], scale: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scale, self.bias = float(scale), float(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.members[0](x)
+        for member in self.members[1:]:
+            logit = logit + member(x)
+        if len(self.members) > 1:
+            logit = logit / len(self.members)
+        return logit * self.scale + self.bias
+
 
 def build_model(cfg: ModelConfig) -> SmallCNN:
     return SmallCNN(cfg.channels, cfg.stem_stride, cfg.dropout)

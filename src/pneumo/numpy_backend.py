@@ -1,30 +1,57 @@
-"""Run a trained checkpoint with the NumPy reference network instead of torch."""
+"""Run a trained model with the NumPy reference network instead of torch."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from pneumo import numpy_nn
-from pneumo.config import from_dict
+from pneumo.checkpoint import TrainedModel
 from pneumo.models import INPUT_MEAN, INPUT_STD
 from pneumo.progress import batches
 
 
-def numpy_model_from_checkpoint(ckpt: dict, dtype=np.float64) -> numpy_nn.SmallCNN:
-    """The checkpoint's architecture in NumPy with its trained weights, in eval mode."""
-    m = from_dict(ckpt["config"]).model
-    model = numpy_nn.SmallCNN(m.channels, m.stem_stride, m.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype)
-    # torch counts BatchNorm steps in num_batches_tracked; only momentum=None uses it, and pneumo does not.
-    state = {k: v.numpy() for k, v in ckpt["model"].items() if not k.endswith("num_batches_tracked")}
-    model.load_state_dict(state)
-    return model.eval()
+@dataclass
+class NumpyClassifier:
+    """models.Classifier in NumPy: the members' mean logit, mapped by scale * logit + bias."""
+
+    members: list[numpy_nn.SmallCNN]
+    scale: float = 1.0
+    bias: float = 0.0
+
+    @property
+    def dtype(self):
+        return self.members[0].features[0].params["weight"].dtype
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        logit = sum(member.forward(x) for member in self.members) / len(self.members)
+        return logit * self.scale + self.bias
 
 
-def predict_numpy(model: numpy_nn.SmallCNN, images: np.ndarray, batch_size: int, desc: str = "predicting (numpy)") -> np.ndarray:
+def numpy_classifier(model: TrainedModel, dtype=np.float64) -> NumpyClassifier:
+    """The trained model's architecture in NumPy with its weights, in eval mode."""
+    m = model.config.model
+    members = []
+    for state in model.members:
+        member = numpy_nn.SmallCNN(m.channels, m.stem_stride, m.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype)
+        member.load_state_dict(numpy_state(state))
+        members.append(member.eval())
+    return NumpyClassifier(members, model.calibration.get("scale", 1.0), model.calibration.get("bias", 0.0))
+
+
+def numpy_state(state: dict) -> dict[str, np.ndarray]:
+    """A torch state dict as NumPy arrays. torch counts BatchNorm steps in num_batches_tracked; only
+    momentum=None uses it, and pneumo does not."""
+    return {k: v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def predict_numpy(
+    net: NumpyClassifier, images: np.ndarray, batch_size: int, desc: str = "predicting (numpy)"
+) -> np.ndarray:
     """Probabilities of pneumonia for uint8 images (N, H, W), as engine.predict computes them with torch."""
-    dtype = model.features[0].params["weight"].dtype
     out = []
     for part in batches(len(images), batch_size, desc):
-        x = images[part, None].astype(dtype) / 255
-        out.append(numpy_nn.sigmoid(model.forward(x)))
+        x = images[part, None].astype(net.dtype) / 255
+        out.append(numpy_nn.sigmoid(net.forward(x)))
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

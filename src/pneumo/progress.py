@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-log = logging.getLogger("pneumo")
-# INFO by default, so a run's train.log is complete whether the CLI or a library user started it.
-log.setLevel(logging.INFO)
-
-
-def setup_logging(log_file: str | None = None) -> None:
-    """Log lines to stderr (and to `log_file` if given), once per process."""
-    log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    if not any(getattr(h, "_pneumo_stderr", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler._pneumo_stderr = True
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-    if log_file is not None:
-        add_log_file(log_file)
-
-
-def add_log_file(path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(handler)
-    return handler
+from pneumo.logs import log
 
 
 def batches(n: int, batch_size: int, desc: str) -> Iterator[slice]:

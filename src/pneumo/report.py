@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")  # files only: batch jobs have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
-
-from pneumo.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from pneumo.fileio import atomic_write, atomic_write_text
 
 PLOTS = ("roc.png", "pr.png", "confusion.png", "calibration.png")
 
@@ -24,46 +21,102 @@ def write_report(out_dir: Path, metrics: dict, labels: np.ndarray, probs: np.nda
     atomic_write_text(out_dir / "report.md", markdown(metrics))
 
 
+METRIC_ROWS = (
+    ("auc", "ROC AUC"),
+    ("f1", "F1"),
+    ("accuracy", "accuracy"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("precision", "precision"),
+)
+
+
 def markdown(m: dict) -> str:
-    ci = m.get("ci95", {})
-    lines = [
-        f"# Evaluation: {m['split']} split",
-        "",
+    sections = [_summary(m), _metrics_table(m), _operating_points(m), _confusion_matrix(m), _plots(), _grad_cam(m)]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _summary(m: dict) -> str:
+    return (
+        f"# Evaluation: {m['split']} split\n\n"
         f"Checkpoint `{m['checkpoint']}` (epoch {m['checkpoint_epoch']}), {m['n']} images "
         f"({m['n_pneumonia']} pneumonia, {m['n_normal']} normal), backend {m['backend']}. Decision threshold "
-        f"{m['threshold']:.4f} ({m['threshold_method']}, chosen on validation during training).",
-        "",
-        "| metric | value | 95% CI |" if ci else "| metric | value |",
-        "| --- | --- | --- |" if ci else "| --- | --- |",
-    ]
-    for key, name in (("auc", "ROC AUC"), ("f1", "F1"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
-                      ("specificity", "specificity"), ("precision", "precision")):
+        f"{m['threshold']:.4f} ({m['threshold_method']}, chosen on validation during training)."
+    )
+
+
+def _metrics_table(m: dict) -> str:
+    ci = m.get("ci95", {})
+    lines = ["| metric | value | 95% CI |", "| --- | --- | --- |"] if ci else ["| metric | value |", "| --- | --- |"]
+    for key, name in METRIC_ROWS:
         interval = f" | {ci[key][0]:.3f} to {ci[key][1]:.3f}" if key in ci else (" | " if ci else "")
         lines.append(f"| {name} | {m[key]:.4f}{interval} |")
     lines.append(f"| ECE (10 bins) | {m['ece']:.4f} |{' |' if ci else ''}")
     lines.append(f"| Brier score | {m['brier']:.4f} |{' |' if ci else ''}")
     if ci:
-        lines += ["", f"Intervals: percentile bootstrap over the images, {m['bootstrap_resamples']} resamples, seed {m['bootstrap_seed']}."]
+        unit = m.get("bootstrap_unit", "images")
+        lines += [
+            "",
+            f"Intervals: percentile bootstrap over the {unit}, {m['bootstrap_resamples']} resamples, "
+            f"seed {m['bootstrap_seed']}.",
+        ]
+    return "\n".join(lines)
+
+
+def _operating_points(m: dict) -> str:
+    lines = [
+        "## Operating points",
+        "",
+        "Thresholds chosen on the validation split; sensitivity and specificity here are on this split.",
+        "",
+        "| operating point | threshold | sensitivity | specificity |",
+        "| --- | --- | --- | --- |",
+    ]
+    for p in m["operating_points"]:
+        lines.append(f"| {p['name']} | {p['threshold']:.4f} | {p['sensitivity']:.4f} | {p['specificity']:.4f} |")
+    return "\n".join(lines)
+
+
+def _confusion_matrix(m: dict) -> str:
     (tn, fp), (fn, tp) = m["confusion_matrix"]
-    lines += ["", "## Operating points", "", "Thresholds chosen on the validation split; sensitivity and specificity here are on this split.", "",
-              "| operating point | threshold | sensitivity | specificity |", "| --- | --- | --- | --- |"]
-    for point in m["operating_points"]:
-        lines.append(f"| {point['name']} | {point['threshold']:.4f} | {point['sensitivity']:.4f} | {point['specificity']:.4f} |")
-    lines += ["", "## Confusion matrix", "", "| | predicted NORMAL | predicted PNEUMONIA |", "| --- | --- | --- |",
-              f"| NORMAL | {tn} | {fp} |", f"| PNEUMONIA | {fn} | {tp} |", ""]
-    lines += [f"![{name[:-4]}]({name})" for name in PLOTS]
-    if m.get("explanations"):
-        lines += ["", "## Grad-CAM", "", "Where the last convolutional block looked, for the images below (red: most weight).", ""]
-        lines += [f"![{e['id']}]({e['file']})  \n`{e['id']}`: label {e['label']}, probability {e['probability']:.3f}" for e in m["explanations"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(
+        [
+            "## Confusion matrix",
+            "",
+            "| | predicted NORMAL | predicted PNEUMONIA |",
+            "| --- | --- | --- |",
+            f"| NORMAL | {tn} | {fp} |",
+            f"| PNEUMONIA | {fn} | {tp} |",
+        ]
+    )
+
+
+def _plots() -> str:
+    return "\n".join(f"![{name[:-4]}]({name})" for name in PLOTS)
+
+
+def _grad_cam(m: dict) -> str:
+    if not m.get("explanations"):
+        return ""
+    lines = [
+        "## Grad-CAM",
+        "",
+        "Where the last convolutional block looked, for the images below (red: most weight).",
+        "",
+    ]
+    for e in m["explanations"]:
+        lines.append(
+            f"![{e['id']}]({e['file']})  \n`{e['id']}`: label {e['label']}, probability {e['probability']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _plot(path: Path, draw) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    draw(ax)
+    # A bare Figure, not pyplot: no display backend and no global state, as a batch job needs.
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    draw(fig.subplots())
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
 
 
 def _roc(ax, labels, probs, m):
@@ -80,7 +133,9 @@ def _pr(ax, labels, probs, m):
     ax.plot(recall, precision, lw=2)
     ax.axhline(np.mean(labels), ls="--", c="grey", lw=1, label="prevalence")
     ax.scatter([m["sensitivity"]], [m["precision"]], c="red", zorder=3, label=f"threshold {m['threshold']:.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve", xlim=(0, 1), ylim=(0, 1.01)
+    )
     ax.legend(loc="lower left")
 
 
@@ -89,14 +144,32 @@ def _confusion(ax, m):
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black", fontsize=14)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["NORMAL", "PNEUMONIA"], yticklabels=["NORMAL", "PNEUMONIA"],
-           xlabel="predicted", ylabel="true", title=f"Confusion matrix (threshold {m['threshold']:.3f})")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["NORMAL", "PNEUMONIA"],
+        yticklabels=["NORMAL", "PNEUMONIA"],
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix (threshold {m['threshold']:.3f})",
+    )
 
 
 def _reliability(ax, m):
     curve = m["reliability"]
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
-    ax.plot([c["mean_probability"] for c in curve], [c["fraction_pneumonia"] for c in curve], marker="o", lw=2,
-            label=f"ECE {m['ece']:.3f}, Brier {m['brier']:.3f}")
-    ax.set(xlabel="mean predicted probability", ylabel="fraction with pneumonia", title="Reliability diagram", xlim=(0, 1), ylim=(0, 1))
+    ax.plot(
+        [c["mean_probability"] for c in curve],
+        [c["fraction_pneumonia"] for c in curve],
+        marker="o",
+        lw=2,
+        label=f"ECE {m['ece']:.3f}, Brier {m['brier']:.3f}",
+    )
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="fraction with pneumonia",
+        title="Reliability diagram",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="lower right")

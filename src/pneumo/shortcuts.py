@@ -15,16 +15,14 @@ A model that reads the lungs scores the same; one that reads the cue loses AUC.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from pneumo.checkpoint import TrainedModel
 from pneumo.data import load_split
 from pneumo.data.augment import gaussian_blur
-from pneumo.engine import predict, prepare, resolve_device
+from pneumo.evaluation import score
 from pneumo.metrics import binary_metrics
 
 ASPECT_GAP = 1.50 / 1.21
@@ -69,18 +67,19 @@ def without_cues(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray
     shape[normal] = stretch_width(images[normal], 1 / ASPECT_GAP)
     shape[pneumonia] = stretch_width(images[pneumonia], ASPECT_GAP)
     detail[normal] = blur(images[normal], DETAIL_SIGMA)
-    return {"as is": images, "shapes swapped": shape, "NORMAL detail lowered": detail, "corners blanked": blank_corners(images)}
-
-
-def shortcut_check(checkpoint: str | Path, split: str = "val", overrides: list[str] = ()) -> dict[str, dict]:
-    """{condition: metrics at the checkpoint's threshold} for each condition of `without_cues`."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, checkpoint, overrides)
-    data = load_split(cfg, split)
-    data.require_both_classes()
-    device = resolve_device(cfg.device)
-    model = prepare(model_from_checkpoint(ckpt, checkpoint), device)
     return {
-        name: binary_metrics(data.labels, predict(model, torch.from_numpy(images), cfg.train.eval_batch_size, device, desc=name), ckpt["threshold"])
+        "as is": images,
+        "shapes swapped": shape,
+        "NORMAL detail lowered": detail,
+        "corners blanked": blank_corners(images),
+    }
+
+
+def shortcut_check(model: TrainedModel, split: str = "val") -> dict[str, dict]:
+    """{condition: metrics at the model's threshold} for each condition of `without_cues`."""
+    data = load_split(model.config, split)
+    data.require_both_classes()
+    return {
+        name: binary_metrics(data.labels, score(model, images), model.threshold)
         for name, images in without_cues(data.images, data.labels).items()
     }

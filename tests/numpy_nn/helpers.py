@@ -24,7 +24,9 @@ def t(x) -> torch.Tensor:
 def copy_params_to_torch(layer, module) -> None:
     with torch.no_grad():
         for name, value in layer.state_dict().items():
-            module.get_parameter(name).copy_(t(value)) if name in dict(module.named_parameters()) else module.get_buffer(name).copy_(t(value))
+            module.get_parameter(name).copy_(t(value)) if name in dict(
+                module.named_parameters()
+            ) else module.get_buffer(name).copy_(t(value))
 
 
 def numerical_gradient(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from torch import nn
 
-from pneumo import numpy_nn as nnp
 from numpy_nn.helpers import copy_params_to_torch, norm_rel_error, numerical_gradient, rel_error, t
+from pneumo import numpy_nn as nnp
 
 TOL = 1e-8
 
@@ -21,21 +21,52 @@ def random_cases(seed: int):
     lrng = np.random.default_rng(seed + 100)
     return [
         (f"Linear-{seed}", nnp.Linear(c * 3, o, rng=lrng), nn.Linear(c * 3, o).double(), (n, c * 3)),
-        (f"Conv2d-{seed}", nnp.Conv2d(c, o, k, stride, padding, rng=lrng), nn.Conv2d(c, o, k, stride, padding).double(), (n, c, h, w)),
-        (f"Conv2d-nobias-{seed}", nnp.Conv2d(c, o, 3, 2, 1, bias=False, rng=lrng), nn.Conv2d(c, o, 3, 2, 1, bias=False).double(), (n, c, h + 2, w + 2)),
+        (
+            f"Conv2d-{seed}",
+            nnp.Conv2d(c, o, k, stride, padding, rng=lrng),
+            nn.Conv2d(c, o, k, stride, padding).double(),
+            (n, c, h, w),
+        ),
+        (
+            f"Conv2d-nobias-{seed}",
+            nnp.Conv2d(c, o, 3, 2, 1, bias=False, rng=lrng),
+            nn.Conv2d(c, o, 3, 2, 1, bias=False).double(),
+            (n, c, h + 2, w + 2),
+        ),
         (f"MaxPool2d-{seed}", nnp.MaxPool2d(pool_k, pool_s), nn.MaxPool2d(pool_k, pool_s), (n, c, h + 3, w + 3)),
         (f"AvgPool2d-{seed}", nnp.AvgPool2d(pool_k, pool_s), nn.AvgPool2d(pool_k, pool_s), (n, c, h + 3, w + 3)),
         (f"GlobalAvgPool2d-{seed}", nnp.GlobalAvgPool2d(), nn.AdaptiveAvgPool2d(1), (n, c, h, w)),
         (f"ReLU-{seed}", nnp.ReLU(), nn.ReLU(), (n, c, h, w)),
         (f"Sigmoid-{seed}", nnp.Sigmoid(), nn.Sigmoid(), (n, c, h)),
         (f"Flatten-{seed}", nnp.Flatten(), nn.Flatten(), (n, c, h, w)),
-        (f"BatchNorm2d-{seed}", nnp.BatchNorm2d(c, eps=1e-5, momentum=0.1), nn.BatchNorm2d(c).double(), (n + 1, c, h, w)),
+        (
+            f"BatchNorm2d-{seed}",
+            nnp.BatchNorm2d(c, eps=1e-5, momentum=0.1),
+            nn.BatchNorm2d(c).double(),
+            (n + 1, c, h, w),
+        ),
         (
             f"Sequential-{seed}",
             # No conv bias before BatchNorm (as in pneumo's model): its gradient is exactly zero, and
             # comparing two roundings of zero says nothing.
-            nnp.Sequential(nnp.Conv2d(c, o, 3, 1, 1, bias=False, rng=lrng), nnp.BatchNorm2d(o), nnp.ReLU(), nnp.MaxPool2d(2), nnp.Flatten(), nnp.Linear(o * (h // 2) * (w // 2), 1, rng=lrng), nnp.Sigmoid()),
-            nn.Sequential(nn.Conv2d(c, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(o * (h // 2) * (w // 2), 1), nn.Sigmoid()).double(),
+            nnp.Sequential(
+                nnp.Conv2d(c, o, 3, 1, 1, bias=False, rng=lrng),
+                nnp.BatchNorm2d(o),
+                nnp.ReLU(),
+                nnp.MaxPool2d(2),
+                nnp.Flatten(),
+                nnp.Linear(o * (h // 2) * (w // 2), 1, rng=lrng),
+                nnp.Sigmoid(),
+            ),
+            nn.Sequential(
+                nn.Conv2d(c, o, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(o * (h // 2) * (w // 2), 1),
+                nn.Sigmoid(),
+            ).double(),
             (n + 1, c, max(h, 2), max(w, 2)),
         ),
     ]
@@ -55,7 +86,11 @@ def case_name(ids) -> str:
 
 def randomize_batchnorm(layer, rng):
     """BatchNorm starts as the identity; random scales, shifts and running stats test more."""
-    for bn in [layer] if isinstance(layer, nnp.BatchNorm2d) else [m for m in getattr(layer, "layers", []) if isinstance(m, nnp.BatchNorm2d)]:
+    for bn in (
+        [layer]
+        if isinstance(layer, nnp.BatchNorm2d)
+        else [m for m in getattr(layer, "layers", []) if isinstance(m, nnp.BatchNorm2d)]
+    ):
         bn.params["weight"][:] = rng.uniform(0.5, 2, bn.params["weight"].shape)
         bn.params["bias"][:] = rng.normal(size=bn.params["bias"].shape)
         bn.buffers["running_mean"][:] = rng.normal(size=bn.buffers["running_mean"].shape)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo import numpy_nn as nnp
 from numpy_nn.helpers import copy_params_to_torch, norm_rel_error, numerical_gradient, rel_error, t
+from pneumo import numpy_nn as nnp
 
 
 def loss_cases(seed):
@@ -16,8 +16,20 @@ def loss_cases(seed):
     return [
         ("BCELoss", nnp.BCELoss(), torch.nn.BCELoss(), p, y),
         ("BCEWithLogitsLoss", nnp.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), z, y),
-        ("BCEWithLogitsLoss-pos_weight", nnp.BCEWithLogitsLoss(pos_weight=pw), torch.nn.BCEWithLogitsLoss(pos_weight=t(pw)), z, y),
-        ("MSELoss-half-sum", nnp.MSELoss(), lambda a, b: 0.5 * torch.nn.functional.mse_loss(a, b, reduction="sum"), rng.normal(size=shape), rng.normal(size=shape)),
+        (
+            "BCEWithLogitsLoss-pos_weight",
+            nnp.BCEWithLogitsLoss(pos_weight=pw),
+            torch.nn.BCEWithLogitsLoss(pos_weight=t(pw)),
+            z,
+            y,
+        ),
+        (
+            "MSELoss-half-sum",
+            nnp.MSELoss(),
+            lambda a, b: 0.5 * torch.nn.functional.mse_loss(a, b, reduction="sum"),
+            rng.normal(size=shape),
+            rng.normal(size=shape),
+        ),
     ]
 
 
@@ -42,7 +54,9 @@ def test_bce_with_logits_is_stable_for_huge_logits():
     z, y = np.array([1000.0, -1000.0, 1000.0]), np.array([1.0, 0.0, 0.0])
     assert loss.forward(z, y) == pytest.approx(1000 / 3)
     assert np.isfinite(loss.backward()).all()
-    assert nnp.BCELoss().forward(np.array([0.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx(100.0)  # torch's log floor
+    assert nnp.BCELoss().forward(np.array([0.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx(
+        100.0
+    )  # torch's log floor
 
 
 def test_bce_is_the_bernoulli_negative_log_likelihood():
@@ -61,9 +75,15 @@ def test_bce_is_the_bernoulli_negative_log_likelihood():
     "make, make_torch",
     [
         (lambda m: nnp.SGD(m, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
-        (lambda m: nnp.SGD(m, lr=0.05, momentum=0.9, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01)),
+        (
+            lambda m: nnp.SGD(m, lr=0.05, momentum=0.9, weight_decay=0.01),
+            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+        ),
         (lambda m: nnp.Adam(m, lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
-        (lambda m: nnp.Adam(m, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1), lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1)),
+        (
+            lambda m: nnp.Adam(m, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1),
+            lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1),
+        ),
     ],
     ids=["sgd", "sgd-momentum", "adam", "adam-options"],
 )

@@ -17,9 +17,8 @@ from pneumo.data.folder import list_split, patient_id, patient_split
 from pneumo.data.manifest import read_manifest
 from pneumo.data.npz import read_npz_split
 from pneumo.errors import PneumoError
-from pneumo.progress import log
-
-SPLITS = ("train", "val", "test")
+from pneumo.labels import CLASSES, SPLITS
+from pneumo.logs import log
 
 
 @dataclass
@@ -37,13 +36,14 @@ class Split:
     def describe(self) -> str:
         pos = int(self.labels.sum())
         skipped = f", {len(self.skipped)} unusable files skipped" if self.skipped else ""
-        return f"{self.name}: {len(self)} images ({pos} pneumonia, {len(self) - pos} normal, {len(set(self.patients))} patients{skipped})"
+        counts = f"{pos} pneumonia, {len(self) - pos} normal, {len(set(self.patients))} patients"
+        return f"{self.name}: {len(self)} images ({counts}{skipped})"
 
     def require_both_classes(self) -> None:
         if len(self) == 0:
             raise PneumoError(f"split '{self.name}' holds no usable images")
         if len(np.unique(self.labels)) < 2:
-            only = "PNEUMONIA" if self.labels[0] else "NORMAL"
+            only = CLASSES[int(self.labels[0])]
             raise PneumoError(f"split '{self.name}' holds only {only} images: ROC AUC and thresholds need both classes")
 
 
@@ -86,9 +86,15 @@ def load_split(cfg: Config, name: str) -> Split:
             rows = [r for r in read_manifest(d.root) if r.split == source]
             if not rows:
                 raise PneumoError(f"manifest {d.root} has no rows for split '{source}'")
-            paths, labels, patients = [r.path for r in rows], np.array([r.label for r in rows]), [r.patient for r in rows]
+            paths, labels, patients = (
+                [r.path for r in rows],
+                np.array([r.label for r in rows]),
+                [r.patient for r in rows],
+            )
         cache_dir = (d.cache_dir or default_cache_dir()) if d.cache else None
-        images, bad = cached_decode(paths, d.image_size, d.max_pixels, d.on_bad_image == "skip", cache_dir, d.workers, f"decoding {source}")
+        images, bad = cached_decode(
+            paths, d.image_size, d.max_pixels, d.on_bad_image == "skip", cache_dir, d.workers, f"decoding {source}"
+        )
         ids = paths
 
     keep = np.ones(len(labels), dtype=bool)
@@ -101,8 +107,8 @@ def load_split(cfg: Config, name: str) -> Split:
         name,
         np.ascontiguousarray(images[usable]),  # into memory: training reads every image every epoch
         np.asarray(labels)[usable],
-        [i for i, u in zip(ids, usable) if u],
-        [p for p, u in zip(patients, usable) if u],
+        [i for i, u in zip(ids, usable, strict=True) if u],
+        [p for p, u in zip(patients, usable, strict=True) if u],
         [(ids[i], reason) for i, reason in sorted(bad.items()) if keep[i]],
     )
 
@@ -110,7 +116,13 @@ def load_split(cfg: Config, name: str) -> Split:
 def split_manifest(*splits: Split) -> str:
     """The file lists of the splits as JSON, for the run directory."""
     return json.dumps(
-        {s.name: [{"id": i, "label": int(l), "patient": p} for i, l, p in zip(s.ids, s.labels, s.patients)] for s in splits},
+        {
+            s.name: [
+                {"id": i, "label": int(label), "patient": p}
+                for i, label, p in zip(s.ids, s.labels, s.patients, strict=True)
+            ]
+            for s in splits
+        },
         indent=1,
     )
 

@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from pneumo.config import AugmentConfig
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
-    """Random geometry (rotation, zoom, aspect, shift, mirror), blur, exposure (gamma, brightness,
-    contrast) and erasing of one rectangle, drawn per image.
+def augment(
+    x: torch.Tensor,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    global_batch: int | None = None,
+    rows: slice = slice(None),
+) -> torch.Tensor:
+    """Random geometry (rotation, zoom, aspect, shift, mirror), detail (blur, sharpening), exposure
+    (gamma, brightness, contrast), sensor noise and erasing of one rectangle, drawn per image.
 
     `x` is (B, 1, H, W) in [0, 1]. Random numbers come from `gen` on the CPU, so a run draws the same
     augmentations on any device and a resumed run continues the same stream. In distributed training
@@ -20,46 +26,87 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, global_ba
     and keeps its rows, so each image is augmented as in a single process and the generators agree.
     Settings at 0 draw nothing, so adding a new kind of augmentation leaves older recipes unchanged.
     """
-    b = global_batch or x.shape[0]
+    draw = Draws(gen, global_batch or x.shape[0], rows)
+    x = _geometry(x, cfg, draw)
+    x = _detail(x, cfg, draw)
+    x = _exposure(x, cfg, draw)
+    if cfg.noise:
+        x = _noise(x, draw.uniform(0, cfg.noise), draw)
+    if cfg.erase:
+        apply = draw.chance(cfg.erase)
+        area, ratio = draw.uniform(0.02, 0.2), torch.exp(draw.symmetric(math.log(3)))
+        x = _erase(x, apply, area, ratio, draw.uniform(0, 1), draw.uniform(0, 1))
+    return x
 
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (lo + torch.rand(b, generator=gen, dtype=torch.float64) * (hi - lo))[rows]
 
-    def symmetric(scale: float) -> torch.Tensor:
-        return ((torch.rand(b, generator=gen, dtype=torch.float64) * 2 - 1) * scale)[rows]
+class Draws:
+    """Per-image random numbers for a global batch of `b` images, of which `rows` are kept."""
 
-    def chance(p: float) -> torch.Tensor:
-        return uniform(0, 1) < p if p else torch.zeros(len(range(b)[rows]), dtype=torch.bool)
+    def __init__(self, gen: torch.Generator, b: int, rows: slice):
+        self.gen, self.b, self.rows = gen, b, rows
 
-    def per_image(v: torch.Tensor) -> torch.Tensor:
-        return v.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    def uniform(self, lo: float, hi: float) -> torch.Tensor:
+        return (lo + torch.rand(self.b, generator=self.gen, dtype=torch.float64) * (hi - lo))[self.rows]
 
+    def symmetric(self, scale: float) -> torch.Tensor:
+        return ((torch.rand(self.b, generator=self.gen, dtype=torch.float64) * 2 - 1) * scale)[self.rows]
+
+    def chance(self, p: float) -> torch.Tensor:
+        return self.uniform(0, 1) < p if p else torch.zeros(len(range(self.b)[self.rows]), dtype=torch.bool)
+
+    def seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.gen))
+
+
+def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def _geometry(x: torch.Tensor, cfg: AugmentConfig, draw: Draws) -> torch.Tensor:
     # The grid samples the input at R(angle) @ diag(mirror / sx, 1 / sy) @ (output position) + shift:
     # the image is magnified sx times across and sy times down (the stretch widens and flattens it).
-    angle = symmetric(math.radians(cfg.rotate_deg))
-    zoom = 1 + symmetric(cfg.scale)
-    stretch = torch.exp(symmetric(math.log1p(cfg.aspect))) if cfg.aspect else torch.ones_like(zoom)
-    mirror = 1 - 2 * chance(cfg.hflip).double()
+    angle = draw.symmetric(math.radians(cfg.rotate_deg))
+    zoom = 1 + draw.symmetric(cfg.scale)
+    stretch = torch.exp(draw.symmetric(math.log1p(cfg.aspect))) if cfg.aspect else torch.ones_like(zoom)
+    mirror = 1 - 2 * draw.chance(cfg.hflip).double()
     # affine_grid works in [-1, 1] coordinates, so a shift of `translate` of the width is 2 * translate.
-    shift_x, shift_y = symmetric(2 * cfg.translate), symmetric(2 * cfg.translate)
+    shift_x, shift_y = draw.symmetric(2 * cfg.translate), draw.symmetric(2 * cfg.translate)
     cos, sin = torch.cos(angle), torch.sin(angle)
     sx, sy = zoom * stretch, zoom / stretch
-    theta = torch.stack([torch.stack([cos * mirror / sx, -sin / sy, shift_x], 1), torch.stack([sin * mirror / sx, cos / sy, shift_y], 1)], 1)
+    row_x = torch.stack([cos * mirror / sx, -sin / sy, shift_x], 1)
+    row_y = torch.stack([sin * mirror / sx, cos / sy, shift_y], 1)
+    theta = torch.stack([row_x, row_y], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
+
+def _detail(x: torch.Tensor, cfg: AugmentConfig, draw: Draws) -> torch.Tensor:
+    """Less or more fine detail than the image holds, as another resolution or another site's edge
+    enhancement would give: a Gaussian blur, then an unsharp mask of random strength."""
     if cfg.blur:
-        x = gaussian_blur(x, uniform(0, cfg.blur))
-    if cfg.gamma:
-        x = x.clamp(0, 1) ** per_image(torch.exp(symmetric(cfg.gamma)))
-    contrast = per_image(1 + symmetric(cfg.contrast))
-    brightness = per_image(symmetric(cfg.brightness))
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
-
-    if cfg.erase:
-        x = _erase(x, chance(cfg.erase), uniform(0.02, 0.2), torch.exp(symmetric(math.log(3))), uniform(0, 1), uniform(0, 1))
+        x = gaussian_blur(x, draw.uniform(0, cfg.blur))
+    if cfg.sharpen:
+        amount = _per_image(draw.uniform(0, cfg.sharpen), x)
+        x = x + amount * (x - gaussian_blur(x, torch.ones(x.shape[0], dtype=torch.float64)))
     return x
+
+
+def _exposure(x: torch.Tensor, cfg: AugmentConfig, draw: Draws) -> torch.Tensor:
+    if cfg.gamma:
+        x = x.clamp(0, 1) ** _per_image(torch.exp(draw.symmetric(cfg.gamma)), x)
+    contrast = _per_image(1 + draw.symmetric(cfg.contrast), x)
+    brightness = _per_image(draw.symmetric(cfg.brightness), x)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+
+
+def _noise(x: torch.Tensor, sigma: torch.Tensor, draw: Draws) -> torch.Tensor:
+    """Gaussian sensor noise of standard deviation `sigma` per image. The noise field is drawn on the
+    batch's device, from a seed drawn from the run's generator: only one number crosses from the host."""
+    seed = draw.seed()
+    device_gen = torch.Generator(x.device).manual_seed(seed)
+    field = torch.randn((draw.b, *x.shape[1:]), generator=device_gen, device=x.device, dtype=x.dtype)[draw.rows]
+    return (x + _per_image(sigma, x) * field).clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -75,7 +122,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, 1, h, w).contiguous(memory_format=torch.channels_last)
 
 
-def _erase(x: torch.Tensor, apply: torch.Tensor, area: torch.Tensor, ratio: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+def _erase(
+    x: torch.Tensor, apply: torch.Tensor, area: torch.Tensor, ratio: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor
+) -> torch.Tensor:
     """Fill one rectangle per chosen image (`area` of the image, width/height `ratio`, centred at
     (`cx`, `cy`) in [0, 1], clipped at the border) with that image's mean."""
     h, w = x.shape[-2:]

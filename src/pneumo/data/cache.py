@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.data.images import BadImageError, decode_all
-from pneumo.progress import log
+from pneumo.data.images import decode_all
+from pneumo.errors import BadImageError
+from pneumo.logs import log
 
 # Bump when decoding changes in a way that changes pixels, so that old entries are not reused.
 DECODER_VERSION = 2
@@ -40,7 +41,13 @@ def cache_key(paths: list[str], size: int, max_pixels: int) -> str:
 
 
 def cached_decode(
-    paths: list[str], size: int, max_pixels: int, skip_bad: bool, cache_dir: str | Path | None, workers: int = 0, desc: str = "decoding"
+    paths: list[str],
+    size: int,
+    max_pixels: int,
+    skip_bad: bool,
+    cache_dir: str | Path | None,
+    workers: int = 0,
+    desc: str = "decoding",
 ) -> tuple[np.ndarray, dict[int, str]]:
     """(images, {index: reason}) for `paths`, from the cache when an entry exists, else decoded and stored.
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumo.data.images import BadImageError
-from pneumo.errors import PneumoError
+from pneumo.errors import BadImageError, PneumoError
 
 
 def read_dicom(path: str) -> np.ndarray:
@@ -15,7 +14,9 @@ def read_dicom(path: str) -> np.ndarray:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
-        raise PneumoError(f"{path} is a DICOM file: reading DICOM needs pydicom (pip install 'pneumo[dicom]')") from None
+        raise PneumoError(
+            f"{path} is a DICOM file: reading DICOM needs pydicom (pip install 'pneumo[dicom]')"
+        ) from None
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pneumo.errors import PneumoError
-from pneumo.progress import log, progress
+from pneumo.logs import log
+from pneumo.progress import progress
 
 # MedMNIST v2/v3 as published on Zenodo (record 10519652), with the checksums of medmnist.INFO.
 MEDMNIST_BASE_URL = "https://zenodo.org/records/10519652/files/"
@@ -43,16 +43,21 @@ def download(url: str, dest: str | Path, md5: str, timeout: float = 60) -> Path:
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     host = urlparse(url).netloc
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-", "User-Agent": "pneumo"} if offset else {"User-Agent": "pneumo"})
+    request = urllib.request.Request(
+        url, headers={"Range": f"bytes={offset}-", "User-Agent": "pneumo"} if offset else {"User-Agent": "pneumo"}
+    )
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # nothing left to fetch: the part file is complete
             return _finish(part, dest, md5, url)
         raise PneumoError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         reason = getattr(e, "reason", e)
-        raise PneumoError(f"cannot reach {host} ({reason}): check the network connection, or download {url} by hand into {dest.parent}") from None
+        raise PneumoError(
+            f"cannot reach {host} ({reason}): check the network connection, or download {url} by hand "
+            f"into {dest.parent}"
+        ) from None
     with response:
         if offset and response.status != 206:
             offset = 0  # the server ignored the range: start over
@@ -63,14 +68,17 @@ def download(url: str, dest: str | Path, md5: str, timeout: float = 60) -> Path:
         try:
             with open(part, "ab" if offset else "wb") as f:
                 chunks = iter(lambda: response.read(CHUNK), b"")
-                for chunk in progress(chunks, total=max(1, -(-remaining // CHUNK)), desc=f"downloading {dest.name}", unit="MB"):
+                for chunk in progress(
+                    chunks, total=max(1, -(-remaining // CHUNK)), desc=f"downloading {dest.name}", unit="MB"
+                ):
                     f.write(chunk)
                     received += len(chunk)
-        except (OSError, socket.timeout) as e:
+        except (TimeoutError, OSError) as e:
             raise PneumoError(f"the download of {url} broke off ({e}); run the same command again to resume") from None
         if remaining and received < remaining:  # a dropped connection reads as an early end of the body
             raise PneumoError(
-                f"the download of {url} broke off after {(offset + received) / 1e6:.1f} MB; run the same command again to resume"
+                f"the download of {url} broke off after {(offset + received) / 1e6:.1f} MB; run the "
+                "same command again to resume"
             )
     return _finish(part, dest, md5, url)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.errors import PneumoError
+from pneumo.labels import CLASSES
 
-CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 
 # person1234_bacteria_5678.jpeg -> person1234. IM-0117-0001 and NORMAL2-IM-0117-0001 map to the same
@@ -35,18 +35,21 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], np.ndarray]:
     if not split_dir.is_dir():
         raise PneumoError(f"split '{split}' not found: {split_dir} does not exist")
     paths, labels = [], []
-    for name, label in CLASSES.items():
+    for label, name in enumerate(CLASSES):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             raise PneumoError(f"{class_dir} does not exist: split '{split}' needs NORMAL and PNEUMONIA folders")
         found = sorted(
-            str(p) for p in class_dir.iterdir()
+            str(p)
+            for p in class_dir.iterdir()
             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
         )
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise PneumoError(f"split '{split}' in {split_dir} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise PneumoError(
+            f"split '{split}' in {split_dir} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return paths, np.asarray(labels, dtype=np.int64)
 
 

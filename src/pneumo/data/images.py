@@ -9,25 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumo.errors import PneumoError
+from pneumo.data.dicom import read_dicom
+from pneumo.errors import BadImageError
 from pneumo.progress import progress
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
-class BadImageError(PneumoError):
-    """A file that cannot be used as an image; `reason` says why, in a few words."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot use image {path}: {reason}")
-        self.path, self.reason = path, reason
-
-
 def load_image(path: str, size: int, max_pixels: int = 100_000_000) -> np.ndarray:
     """One image as grayscale uint8, squashed (not cropped) to size x size like the Kermany 224 copies."""
     if os.path.splitext(path)[1].lower() in DICOM_SUFFIXES:
-        from pneumo.data.dicom import read_dicom
-
         gray = Image.fromarray(read_dicom(path))
     else:
         gray = _read_with_pillow(path, max_pixels)
@@ -43,7 +34,11 @@ def _read_with_pillow(path: str, max_pixels: int) -> Image.Image:
             with Image.open(path) as im:
                 # The header gives the size: refuse a bomb before decoding a single pixel.
                 if im.width * im.height > max_pixels:
-                    raise BadImageError(path, f"{im.width} x {im.height} pixels is more than data.max_pixels ({max_pixels}); a decompression bomb?")
+                    raise BadImageError(
+                        path,
+                        f"{im.width} x {im.height} pixels is more than data.max_pixels "
+                        f"({max_pixels}); a decompression bomb?",
+                    )
                 im.load()
                 return to_grayscale(ImageOps.exif_transpose(im))
     except BadImageError:
@@ -69,7 +64,9 @@ def to_grayscale(im: Image.Image) -> Image.Image:
     if im.mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
         span = a.max() - a.min()
-        return Image.fromarray(((a - a.min()) / span * 255 + 0.5).astype(np.uint8) if span > 0 else np.zeros(a.shape, np.uint8))
+        return Image.fromarray(
+            ((a - a.min()) / span * 255 + 0.5).astype(np.uint8) if span > 0 else np.zeros(a.shape, np.uint8)
+        )
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")

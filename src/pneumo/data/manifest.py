@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pneumo.data.folder import patient_id
 from pneumo.errors import PneumoError
+from pneumo.labels import CLASSES, SPLITS
 
-LABELS = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
-SPLITS = ("train", "val", "test")
+LABELS = {**{name: label for label, name in enumerate(CLASSES)}, "0": 0, "1": 1}
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,10 @@ def read_manifest(csv_path: str | Path) -> list[Row]:
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip() for c in reader.fieldnames or []]
     if not {"path", "label"} <= set(columns):
-        raise PneumoError(f"manifest {csv_path} needs a header with the columns path and label (found: {', '.join(columns) or 'none'})")
+        raise PneumoError(
+            f"manifest {csv_path} needs a header with the columns path and label (found: "
+            f"{', '.join(columns) or 'none'})"
+        )
     rows, seen = [], {}
     for line, raw in enumerate(reader, start=2):
         record = {k.strip(): (v or "").strip() for k, v in raw.items() if k}

@@ -8,8 +8,12 @@ spot" is not the answer. A small CNN needs a few epochs to separate the classes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+from pneumo.labels import class_name
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -29,7 +33,7 @@ def make_split(split: str, n: int, size: int, prevalence: float, seed: int) -> t
 
 def chest_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
     y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
-    u = lambda lo, hi: rng.uniform(lo, hi)  # noqa: E731
+    u = lambda lo, hi: rng.uniform(lo, hi)
 
     body = _ellipse(x, y, u(-0.04, 0.04), u(0.0, 0.15), u(0.8, 0.92), u(0.95, 1.1), 0.08)
     img = 0.08 + 0.42 * body
@@ -82,14 +86,16 @@ def _smooth_noise(rng, size, cells):
     return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
-def write_folder(root, counts: dict[str, int], size: int = 224, prevalence: float = 0.5, seed: int = 0) -> None:
-    """Write synthetic splits as a Kermany-style folder tree (PNG files), e.g. for tests of the folder path."""
-    from pathlib import Path
-
+def write_folder(
+    root, counts: dict[str, int], size: int = 224, prevalence: float = 0.5, seed: int = 0, suffix: str = ".png"
+) -> None:
+    """Write synthetic splits as a Kermany-style folder tree, with Kermany-style file names (patient
+    ids included), as PNG or JPEG files: for tests of the folder path, and for benchmarks."""
     for split, n in counts.items():
         images, labels = make_split(split, n, size, prevalence, seed)
-        for i, (image, label) in enumerate(zip(images, labels)):
-            folder = Path(root) / split / ("PNEUMONIA" if label else "NORMAL")
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = Path(root) / split / class_name(label)
             folder.mkdir(parents=True, exist_ok=True)
-            name = f"person{SPLIT_CODES[split]}{i:05d}_bacteria_{i}.png" if label else f"IM-{SPLIT_CODES[split]}{i:05d}-0001.png"
-            Image.fromarray(image).save(folder / name)
+            code = SPLIT_CODES[split]
+            name = f"person{code}{i:05d}_bacteria_{i}" if label else f"IM-{code}{i:05d}-0001"
+            Image.fromarray(image).save(folder / f"{name}{suffix}", quality=90)

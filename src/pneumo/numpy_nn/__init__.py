@@ -4,15 +4,44 @@ It never imports torch: it is the readable reference that the torch model is che
 """
 
 from pneumo.numpy_nn.layers import (
-    AvgPool2d, BatchNorm2d, Container, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d,
-    ReLU, Sequential, Sigmoid, sigmoid,
+    AvgPool2d,
+    BatchNorm2d,
+    Container,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    sigmoid,
 )
 from pneumo.numpy_nn.losses import BCELoss, BCEWithLogitsLoss, MSELoss
 from pneumo.numpy_nn.optim import SGD, Adam
 from pneumo.numpy_nn.small_cnn import SmallCNN
 
 __all__ = [
-    "Adam", "AvgPool2d", "BCELoss", "BCEWithLogitsLoss", "BatchNorm2d", "Container", "Conv2d", "Dropout", "Flatten",
-    "GlobalAvgPool2d", "Layer", "Linear", "MSELoss", "MaxPool2d", "ReLU", "SGD", "Sequential", "Sigmoid", "SmallCNN",
+    "Adam",
+    "AvgPool2d",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "BatchNorm2d",
+    "Container",
+    "Conv2d",
+    "Dropout",
+    "Flatten",
+    "GlobalAvgPool2d",
+    "Layer",
+    "Linear",
+    "MSELoss",
+    "MaxPool2d",
+    "ReLU",
+    "SGD",
+    "Sequential",
+    "Sigmoid",
+    "SmallCNN",
     "sigmoid",
 ]

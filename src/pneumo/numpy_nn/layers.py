@@ -29,11 +29,11 @@ class Layer:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
-    def train(self, mode: bool = True) -> "Layer":
+    def train(self, mode: bool = True) -> Layer:
         self.training = mode
         return self
 
-    def eval(self) -> "Layer":
+    def eval(self) -> Layer:
         return self.train(False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -48,12 +48,6 @@ class Layer:
             if value.shape != array.shape:
                 raise ValueError(f"{name}: shape {value.shape} does not fit {array.shape}")
             array[...] = value
-
-    def astype(self, dtype) -> "Layer":
-        for store in (self.params, self.buffers):
-            for name in store:
-                store[name] = store[name].astype(dtype)
-        return self
 
 
 def _check_names(own: dict, state: dict) -> None:
@@ -96,7 +90,9 @@ class Conv2d(Layer):
     out[n, o, h, w] = b[o] + sum over c, i, j of W[o, c, i, j] * x_padded[n, c, h*s + i, w*s + j]
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float64, rng=None):
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float64, rng=None
+    ):
         super().__init__()
         rng = rng or np.random.default_rng()
         self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -336,17 +332,16 @@ class Container(Layer):
         return self._gather("buffers")
 
     def _gather(self, attr: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{name}": value for prefix, layer in self.children() for name, value in getattr(layer, attr).items()}
+        return {
+            f"{prefix}.{name}": value
+            for prefix, layer in self.children()
+            for name, value in getattr(layer, attr).items()
+        }
 
     def train(self, mode: bool = True):
         self.training = mode
         for _, layer in self.children():
             layer.train(mode)
-        return self
-
-    def astype(self, dtype):
-        for _, layer in self.children():
-            layer.astype(dtype)
         return self
 
     def load_state_dict(self, state):
