@@ -7,7 +7,7 @@ from pneumo.metrics import (
     bce,
     binary_metrics,
     bootstrap_ci,
-    calibration,
+    calibration_metrics,
     choose_threshold,
     format_table,
     operating_points,
@@ -118,7 +118,7 @@ def test_operating_points_meet_their_targets_on_validation():
 def test_calibration_by_hand():
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.3, 0.8, 0.4])
-    c = calibration(y, p, bins=2)
+    c = calibration_metrics(y, p, bins=2)
     # bin [0, 0.5): p 0.1, 0.3, 0.4, mean 0.2667, 1/3 positive; bin [0.5, 1]: p 0.8, all positive.
     assert c["ece"] == pytest.approx(0.75 * abs(0.8 / 3 - 1 / 3) + 0.25 * abs(0.8 - 1))
     assert c["brier"] == pytest.approx((0.01 + 0.09 + 0.04 + 0.36) / 4)

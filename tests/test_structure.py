@@ -10,7 +10,7 @@ from conftest import ROOT
 
 SRC = ROOT / "src" / "pneumo"
 # The plumbing every stage stands on; it never imports a stage.
-PLUMBING = {"errors", "labels", "fileio", "logs", "progress", "device", "distributed", "config"}
+PLUMBING = {"errors", "labels", "fileio", "logs", "progress", "device", "distributed", "config", "process"}
 MAX_LINES, MAX_PARAMETERS = 60, 8
 
 

@@ -52,20 +52,32 @@ def fit(logits: np.ndarray, labels: np.ndarray, method: str = "platt", prior: fl
 
 
 def _newton(z: np.ndarray, t: np.ndarray, fit_bias: bool, prior: float, steps: int = 100) -> tuple[float, float]:
-    """Minimize sum of cross-entropies CE(sigmoid(a z + b), t) + prior / 2 * ((a - 1)^2 + b^2) by Newton's method."""
-    a, b = 1.0, 0.0
+    """Minimize the summed cross-entropy CE(sigmoid(a z + b), t) + prior / 2 * ((a - 1)^2 + b^2) by
+    Newton's method, halving any step that does not lower it (the loss is convex, so this converges)."""
     features = np.stack([z, np.ones_like(z)], 1) if fit_bias else z[:, None]
-    theta = np.array([a, b]) if fit_bias else np.array([a])
-    centre = np.array([1.0, 0.0])[: len(theta)]
-    ridge = prior + 1e-9  # a hair of ridge keeps the Hessian invertible on degenerate data
+    centre = np.array([1.0, 0.0])[: features.shape[1]]
+    ridge = prior + 1e-6  # a hair of ridge keeps the Hessian invertible on degenerate data
+
+    def loss(theta):
+        u = features @ theta
+        # CE(sigmoid(u), t) = softplus(u) - t u, computed stably
+        return float(np.sum(np.logaddexp(0, u) - t * u) + ridge / 2 * np.sum((theta - centre) ** 2))
+
+    theta = centre.copy()
+    current = loss(theta)
     for _ in range(steps):
         p = _sigmoid(features @ theta)
         grad = features.T @ (p - t) + ridge * (theta - centre)
         hess = (features * (p * (1 - p))[:, None]).T @ features + ridge * np.eye(len(theta))
         step = np.linalg.solve(hess, grad)
-        theta = theta - step
-        if np.abs(step).max() < 1e-10:
+        size = 1.0
+        while size > 1e-8 and loss(theta - size * step) > current:
+            size /= 2
+        theta = theta - size * step
+        new = loss(theta)
+        if current - new < 1e-12 * max(1.0, abs(current)):
             break
+        current = new
     return float(theta[0]), float(theta[1]) if fit_bias else 0.0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pneumo import __version__
+from pneumo.calibration import Calibration
 from pneumo.config import Config, apply_override, config_hash, from_dict, to_dict
 from pneumo.errors import CheckpointError, ConfigError, PneumoError
 from pneumo.fileio import atomic_write, file_sha256
@@ -43,7 +44,7 @@ class TrainedModel:
     operating_points: dict[str, float] = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
     epoch: int | list[int] = 0
-    calibration: dict = field(default_factory=lambda: {"method": "none", "scale": 1.0, "bias": 0.0})
+    calibration: Calibration = field(default_factory=Calibration)
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
     model_id: str = ""  # the first 16 hex digits of the file's SHA-256
@@ -71,7 +72,7 @@ class TrainedModel:
                 },
                 val_metrics=dict(raw.get("val_metrics", {})),
                 epoch=raw.get("epoch", 0),
-                calibration=dict(raw.get("calibration", {"method": "none", "scale": 1.0, "bias": 0.0})),
+                calibration=Calibration.from_dict(raw.get("calibration", {})),
                 provenance=dict(raw.get("provenance", raw.get("versions", {}))),
                 path=path,
                 model_id=file_sha256(path)[:16],
@@ -93,8 +94,8 @@ class TrainedModel:
                     f"{self.path} does not match the model it describes: {str(e).splitlines()[0][:300]}"
                 ) from None
             members.append(member)
-        scale, bias = float(self.calibration.get("scale", 1.0)), float(self.calibration.get("bias", 0.0))
-        return Classifier(members, scale=scale, bias=bias).eval()
+        cal = self.calibration
+        return Classifier(members, tta=self.config.model.tta, scale=cal.scale, bias=cal.bias).eval()
 
     def payload(self) -> dict:
         return {
@@ -105,7 +106,7 @@ class TrainedModel:
             "operating_points": self.operating_points,
             "val_metrics": self.val_metrics,
             "epoch": self.epoch,
-            "calibration": self.calibration,
+            "calibration": self.calibration.to_dict(),
             "provenance": self.provenance,
         }
 

@@ -11,12 +11,12 @@ inside the command bodies, so a bad argument or config is reported before paying
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import yaml
 
@@ -24,6 +24,7 @@ from pneumo import __version__
 from pneumo.config import load_config, to_dict
 from pneumo.errors import PneumoError
 from pneumo.logs import log, logging_to, setup_logging
+from pneumo.process import Terminated, sigterm_raises, tune_allocator
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD = 0, 1, 2, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -160,6 +161,65 @@ def _export(args) -> None:
     print(f"pneumo-export: wrote {args.out} ({args.format}); {checked}")
 
 
+# --- pneumo calibrate
+
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "labelled",
+        nargs="+",
+        metavar="LABELLED",
+        help="a folder with NORMAL/ and PNEUMONIA/ subfolders, or a CSV manifest path,label[,patient_id]",
+    )
+    _checkpoint_option(p)
+    p.add_argument("--out", required=True, help="the calibrated checkpoint to write (the input is left as it is)")
+    p.add_argument(
+        "--method", default="platt", choices=["platt", "temperature"], help="how logits map to probabilities"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="patient-level resamples for the 95%% intervals"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    _set_option(p)
+
+
+def _calibrate(args) -> None:
+    from pneumo.checkpoint import TrainedModel, save_checkpoint
+    from pneumo.sitecal import calibrate, load_sample
+
+    model = TrainedModel.load(_checkpoint(args), args.set)
+    if Path(args.out).resolve() == model.path.resolve():
+        raise PneumoError(f"--out {args.out} is the input checkpoint: write the calibrated model to a new file")
+    sample = load_sample(args.labelled, model.config.data.image_size, model.config.data.max_pixels)
+    result = calibrate(model, sample, args.method, args.bootstrap, args.seed)
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    save_checkpoint(args.out, result.model.payload())
+    print(calibration_table(result, sample))
+    print(f"pneumo-calibrate: wrote {args.out} (threshold {result.model.threshold:.4f}); {model.path} is unchanged")
+
+
+def calibration_table(result, sample) -> str:
+    n_normal, n_pneumonia = int((sample.labels == 0).sum()), int(sample.labels.sum())
+    head = (
+        f"sample: {len(sample.labels)} images ({n_pneumonia} pneumonia, {n_normal} normal, "
+        f"{len(set(sample.patients))} patients); 95% intervals over {result.before.get('bootstrap_unit', 'images')}"
+    )
+    columns = (
+        ("before", result.before),
+        ("after", result.after),
+        ("after, cross-validated", result.after_cross_validated),
+    )
+    lines = [head, f"{'':12s}" + "".join(f"{name:>26s}" for name, _ in columns)]
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "ece", "threshold"):
+        cells = []
+        for _, m in columns:
+            ci = m.get("ci95", {}).get(key)
+            cells.append(f"{m[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
+        lines.append(f"{key:12s}" + "".join(f"{c:>26s}" for c in cells))
+    return "\n".join(lines)
+
+
 # --- pneumo download
 
 
@@ -188,6 +248,12 @@ COMMANDS = {
         _predict,
         "exit codes: 0 all scored; 2 bad arguments or inputs; 3 unusable checkpoint; 4 some files could not be scored "
         "(see the error column); 5 another run is writing OUT; 130 interrupted; 143 terminated",
+    ),
+    "calibrate": Command(
+        "Adapt a trained model to a site: refit its calibration and threshold on a labelled sample of the "
+        "site's images, and write a new checkpoint.",
+        _calibrate_arguments,
+        _calibrate,
     ),
     "export": Command(
         "Export a trained model to TorchScript or ONNX; the file is kept only if its outputs match "
@@ -234,6 +300,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     return command_main("predict", argv)
 
 
+def calibrate_main(argv: list[str] | None = None) -> int:
+    return command_main("calibrate", argv)
+
+
 def export_main(argv: list[str] | None = None) -> int:
     return command_main("export", argv)
 
@@ -242,21 +312,17 @@ def download_main(argv: list[str] | None = None) -> int:
     return command_main("download", argv)
 
 
-class Terminated(BaseException):
-    """SIGTERM, as a batch system sends it to stop a job: handled like Ctrl-C, with its own exit code."""
-
-
 def run_command(prog: str, body, args) -> int:
     """Call `body(args)`; its return value (None: 0) is the exit code, and user errors become one line
     and a documented code."""
     setup_logging()
+    tune_allocator()
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")  # odd file names must not break a message
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     log_file = getattr(args, "log_file", None)
     try:
-        with _log_file(prog, log_file):
+        with sigterm_raises(), _log_file(prog, log_file):
             return body(args) or EXIT_OK
     except PneumoError as e:
         return _fail(prog, str(e), e.exit_code, log_file)
@@ -270,8 +336,6 @@ def run_command(prog: str, body, args) -> int:
     except Terminated:
         print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _log_file(prog: str, path: str | None):
@@ -293,10 +357,6 @@ def _fail(prog: str, message: str, code: int, log_file: str | None) -> int:
         except OSError:
             pass  # already said on stderr
     return code
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 def _parser_style(command: Command) -> dict:

@@ -87,6 +87,8 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=_range(1, 1024))
     stem_stride: int = field(default=2, metadata=_range(1, 4))
     dropout: float = field(default=0.1, metadata=_range(0, 0.9))
+    # Test-time augmentation: the mean logit of each image and its mirror image.
+    tta: bool = False
 
 
 @dataclass
@@ -101,11 +103,19 @@ class TrainConfig:
     pos_weight: float | Literal["auto"] | None = field(default=None, metadata=_range(0, 1000))
     # epochs without a better validation AUC before stopping; 0 never stops early
     patience: int = field(default=5, metadata=_range(0, 10_000))
-    threshold: Literal["fixed", "max_f1", "youden", "balanced"] = "youden"
+    # Decision threshold chosen on validation: youden, balanced and max_f1 fit validation's score
+    # distributions; midpoint sits halfway between the classes' median logits, keeping a margin to both
+    # for a site whose scores shift either way (see docs/new-site.md); fixed is fixed_threshold.
+    threshold: Literal["fixed", "max_f1", "youden", "balanced", "midpoint"] = "youden"
     fixed_threshold: float = field(default=0.5, metadata=_range(0, 1))
     # Training arithmetic. auto: bf16 autocast on CUDA and on CPUs with AMX, float32 elsewhere (without
     # AMX, bf16 on a CPU is emulated). Inference on a CPU is always float32, reproducible to the last digit.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # An ensemble: this many networks, trained with seeds seed, seed + 1, ..., whose logits are averaged.
+    members: int = field(default=1, metadata=_range(1, 16))
+    # Fitted on validation after training, so that probabilities can be read as probabilities:
+    # platt (scale and shift of the logit), temperature (scale only) or none.
+    calibration: Literal["platt", "temperature", "none"] = "platt"
     # torch.compile the model: its compile time pays back on GPUs in long runs (see docs/performance.md)
     compile: bool = False
     # Under torchrun on GPUs, BatchNorm statistics over the global batch (torch's SyncBatchNorm is GPU-only)

@@ -81,17 +81,24 @@ def train_one_epoch(opt: Optimization, data: TrainingData, desc: str) -> tuple[f
     return float(totals[0]) / float(totals[1]), timer.total()
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "predicting"
 ) -> np.ndarray:
     """Probabilities of pneumonia for uint8 images (N, H, W)."""
+    return torch.sigmoid(torch.from_numpy(logits(model, images, batch_size, device, desc))).numpy()
+
+
+@torch.inference_mode()
+def logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "predicting"
+) -> np.ndarray:
+    """The model's logits (float64) for uint8 images (N, H, W)."""
     model.eval()
     out = []
     for part in batches(len(images), batch_size, desc):
         x = to_input(images[part], device)
         with autocast(device):
-            out.append(torch.sigmoid(model(x).float()).cpu())
+            out.append(model(x).float().cpu())
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 

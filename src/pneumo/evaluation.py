@@ -20,7 +20,7 @@ from pneumo.explain import grad_cam, most_confident_errors, save_overlay
 from pneumo.fileio import atomic_write_text
 from pneumo.labels import class_name
 from pneumo.logs import log
-from pneumo.metrics import binary_metrics, bootstrap_ci, calibration
+from pneumo.metrics import binary_metrics, bootstrap_ci, bootstrap_unit, calibration_metrics
 from pneumo.numpy_backend import numpy_classifier, predict_numpy
 from pneumo.report import write_report
 
@@ -49,7 +49,7 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
     probs = score(model, data.images, options.backend)
     metrics = {
         **binary_metrics(data.labels, probs, model.threshold),
-        **calibration(data.labels, probs),
+        **calibration_metrics(data.labels, probs),
         "threshold_method": model.threshold_method,
         "split": split,
         "checkpoint": str(model.path),
@@ -59,8 +59,11 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
         "operating_points": _operating_points(model, data.labels, probs),
     }
     if options.bootstrap:
-        metrics["ci95"] = bootstrap_ci(data.labels, probs, model.threshold, options.bootstrap, options.seed)
-        metrics.update(bootstrap_resamples=options.bootstrap, bootstrap_seed=options.seed)
+        metrics["ci95"] = bootstrap_ci(
+            data.labels, probs, model.threshold, options.bootstrap, options.seed, data.patients
+        )
+        unit = bootstrap_unit(data.patients, len(data))
+        metrics.update(bootstrap_resamples=options.bootstrap, bootstrap_seed=options.seed, bootstrap_unit=unit)
     out_dir = Path(out_dir)
     if options.explain or options.explain_files:
         metrics["explanations"] = _explain(model, data, probs, options, out_dir)

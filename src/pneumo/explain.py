@@ -17,21 +17,22 @@ from pneumo.models import Classifier
 def grad_cam(model: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] (N, H, W) for the pneumonia logit, and the probabilities, for uint8 images (N, H, W).
 
-    The last block's activations A (after its ReLU, before its pooling) are weighted by the mean
-    gradient of the logit over each channel; the weighted sum, through a ReLU, is the map. For an
-    ensemble the channels of every member's last block enter one sum, weighted by the gradient of
-    the ensemble's logit.
+    The last block's activations A (after its batch normalization and ReLU, before its pooling) are
+    weighted by the mean gradient of the logit over each channel; the weighted sum, through a ReLU, is
+    the map. For an ensemble the channels of every member's last block enter one sum, weighted by the
+    gradient of the ensemble's logit.
     """
     model = model.float().eval()
     saved: list[dict] = []
 
     def keep(_module, _inputs, output):
-        entry = {"activation": output}
+        # The model pools before its ReLU (the same numbers), so A is taken at the normalization's output.
+        entry = {"activation": F.relu(output)}
         saved.append(entry)
         output.register_hook(lambda grad: entry.__setitem__("gradient", grad))
 
-    last_relus = [[m for m in member.features if isinstance(m, torch.nn.ReLU)][-1] for member in model.members]
-    handles = [relu.register_forward_hook(keep) for relu in last_relus]
+    last_norms = [[m for m in member.features if isinstance(m, torch.nn.BatchNorm2d)][-1] for member in model.members]
+    handles = [norm.register_forward_hook(keep) for norm in last_norms]
     try:
         x = torch.from_numpy(images).float().div(255).unsqueeze(1)
         logits = model(x)

@@ -12,12 +12,15 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     """A probability threshold (predict pneumonia when p >= threshold) chosen on validation data.
 
     youden: maximises sensitivity + specificity - 1; balanced: sensitivity closest to specificity
-    (the equal error rate: neither kind of error favoured); max_f1: maximises F1; fixed: `fixed`.
+    (the equal error rate: neither kind of error favoured); max_f1: maximises F1; midpoint: halfway, in
+    logit space, between the median scores of the two classes; fixed: `fixed`.
     """
     if method == "fixed":
         return float(fixed)
     _require_both_classes(labels)
     probs = np.asarray(probs, dtype=np.float64)
+    if method == "midpoint":
+        return midpoint_threshold(labels, probs)
     if method in ("youden", "balanced"):
         fpr, tpr, thresholds = roc_curve(labels, probs)
         # specificity = 1 - fpr; ties go to the first, i.e. the highest, threshold
@@ -29,6 +32,26 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str, fixed: 
     else:
         raise ValueError(f"unknown threshold method {method!r}")
     return _off_the_boundary(probs, min(float(thresholds[best]), 1.0), "down")
+
+
+def midpoint_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The probability halfway, in logit space, between the median logits of NORMAL and PNEUMONIA.
+
+    Rules fitted to where the two classes meet on validation (youden, balanced) sit wherever validation's
+    tails happen to cross. At a new site both classes' scores move, either way (noisier detectors
+    push normal images up, wider fields push pneumonia down): a threshold as far as possible from both
+    classes' bulk keeps the most of its decisions, whichever way they move. In logit space shifts are
+    roughly additive, and medians ignore the few outliers that decide the tail-fitted rules.
+    """
+    labels = np.asarray(labels)
+    z = _logit(np.asarray(probs, dtype=np.float64))
+    centre = (np.median(z[labels == 0]) + np.median(z[labels == 1])) / 2
+    return float(1 / (1 + np.exp(-centre)))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
 
 
 def _off_the_boundary(probs: np.ndarray, score: float, direction: str) -> float:
@@ -70,7 +93,7 @@ def operating_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
     """Expected calibration error over equal-width bins, Brier score, and the reliability curve."""
     labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
     which = np.minimum((probs * bins).astype(int), bins - 1)
@@ -95,21 +118,36 @@ CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 
 
 def bootstrap_ci(
-    labels: np.ndarray, probs: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    labels: np.ndarray, probs: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0, groups=None
 ) -> dict:
-    """Percentile bootstrap intervals: the images are resampled with replacement `resamples` times."""
+    """Percentile 95% bootstrap intervals. With `groups` (a patient id per image), whole patients are
+    resampled with replacement, since images of one patient are not independent; else the images."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
+    units = _units(groups, len(labels))
     values = {k: [] for k in CI_METRICS}
     for _ in range(resamples):
-        idx = rng.integers(0, len(labels), len(labels))
+        idx = np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))])
         if labels[idx].min() == labels[idx].max():
             continue  # AUC is undefined on a one-class resample
         m = binary_metrics(labels[idx], probs[idx], threshold)
         for k in CI_METRICS:
             values[k].append(m[k])
-    tail = (1 - level) / 2 * 100
-    return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in values.items()}
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in values.items()}
+
+
+def bootstrap_unit(groups, n: int) -> str:
+    """What bootstrap_ci resamples for these groups: "patients" when some patient has several images."""
+    return "patients" if groups is not None and len(set(groups)) < n else "images"
+
+
+def _units(groups, n: int) -> list[np.ndarray]:
+    if bootstrap_unit(groups, n) == "images":
+        return [np.array([i]) for i in range(n)]
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    return [np.array(v) for v in members.values()]
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:

@@ -33,7 +33,13 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features((x - INPUT_MEAN) / INPUT_STD)).squeeze(1)
+        x = (x - INPUT_MEAN) / INPUT_STD
+        for i in range(0, len(self.features), 4):
+            conv, bn, relu, pool = self.features[i : i + 4]
+            # Max-pooling before the ReLU gives the same numbers and the same gradients (the two commute),
+            # with the ReLU on a quarter of the values.
+            x = relu(pool(bn(conv(x))))
+        return self.head(x).squeeze(1)
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
         """AdamW that decays only the conv and linear weights: decaying BatchNorm scales and biases
@@ -56,21 +62,27 @@ class SmallCNN(nn.Module):
 
 
 class Classifier(nn.Module):
-    """What a trained model runs: the mean logit of its members (one network, or an ensemble),
-    mapped by its calibration, scale * logit + bias; the sigmoid of that is the probability."""
+    """What a trained model runs: the mean logit of its members (one network, or an ensemble), with
+    `tta` also over each image's mirror image, mapped by its calibration, scale * logit + bias. The
+    sigmoid of that is the probability of pneumonia."""
 
-    def __init__(self, members: list[SmallCNN], scale: float = 1.0, bias: float = 0.0):
+    def __init__(self, members: list[SmallCNN], tta: bool = False, scale: float = 1.0, bias: float = 0.0):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.tta = tta
         self.scale, self.bias = float(scale), float(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self._mean_logit(x)
+        if self.tta:
+            logit = (logit + self._mean_logit(x.flip(-1))) / 2
+        return logit * self.scale + self.bias
+
+    def _mean_logit(self, x: torch.Tensor) -> torch.Tensor:
         logit = self.members[0](x)
         for member in self.members[1:]:
             logit = logit + member(x)
-        if len(self.members) > 1:
-            logit = logit / len(self.members)
-        return logit * self.scale + self.bias
+        return logit / len(self.members) if len(self.members) > 1 else logit
 
 
 def build_model(cfg: ModelConfig) -> SmallCNN:

@@ -14,9 +14,11 @@ from pneumo.progress import batches
 
 @dataclass
 class NumpyClassifier:
-    """models.Classifier in NumPy: the members' mean logit, mapped by scale * logit + bias."""
+    """models.Classifier in NumPy: the members' mean logit (with `tta`, also over the mirror image),
+    mapped by scale * logit + bias."""
 
     members: list[numpy_nn.SmallCNN]
+    tta: bool = False
     scale: float = 1.0
     bias: float = 0.0
 
@@ -25,8 +27,13 @@ class NumpyClassifier:
         return self.members[0].features[0].params["weight"].dtype
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        logit = sum(member.forward(x) for member in self.members) / len(self.members)
+        logit = self._mean_logit(x)
+        if self.tta:
+            logit = (logit + self._mean_logit(x[..., ::-1])) / 2
         return logit * self.scale + self.bias
+
+    def _mean_logit(self, x: np.ndarray) -> np.ndarray:
+        return sum(member.forward(x) for member in self.members) / len(self.members)
 
 
 def numpy_classifier(model: TrainedModel, dtype=np.float64) -> NumpyClassifier:
@@ -37,7 +44,8 @@ def numpy_classifier(model: TrainedModel, dtype=np.float64) -> NumpyClassifier:
         member = numpy_nn.SmallCNN(m.channels, m.stem_stride, m.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype)
         member.load_state_dict(numpy_state(state))
         members.append(member.eval())
-    return NumpyClassifier(members, model.calibration.get("scale", 1.0), model.calibration.get("bias", 0.0))
+    cal = model.calibration
+    return NumpyClassifier(members, model.config.model.tta, cal.scale, cal.bias)
 
 
 def numpy_state(state: dict) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,16 +58,27 @@ class RunDir:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        busy = (
-            "another pneumo-train (pid {pid}) is running in "
-            + str(self.path)
-            + "; wait for it or choose another output.dir"
-        )
-        with FileLock(self.path.resolve() / ".lock", busy):
+        with FileLock(self.path.resolve() / ".lock", _busy(self.path)):
             if previous is None:
                 self._clear()
             with logging_to(self.path / "train.log", mode="a" if previous else "w"):
                 self._describe(cfg, splits, previous)
+                yield
+
+    @contextmanager
+    def ensemble_session(self, cfg: Config, fresh: bool):
+        """Lock the directory of an ensemble and log into its train.log while its members train in
+        members/; a fresh run first removes an earlier run's members."""
+        if not self.ctx.main:
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.resolve() / ".lock", _busy(self.path)):
+            if fresh:
+                self._clear()
+                shutil.rmtree(self.path / "members", ignore_errors=True)
+            with logging_to(self.path / "train.log", mode="w" if fresh else "a"):
+                atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 yield
 
     def append_metrics(self, row: dict) -> None:
@@ -90,6 +102,10 @@ class RunDir:
         # Rewritten from the checkpoint, so epochs trained after the last checkpoint of a killed run vanish.
         history = previous["training"]["state"]["history"] if previous else []
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _busy(path: Path) -> str:
+    return "another pneumo-train (pid {pid}) is running in " + str(path) + "; wait for it or choose another output.dir"
 
 
 def config_changes(cfg: Config, old: dict, may_change: set[str]) -> list[str]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pneumo import distributed
+from pneumo.assemble import assemble
 from pneumo.checkpoint import TrainedModel, provenance, save_checkpoint
 from pneumo.config import Config
 from pneumo.data import Split, load_split
@@ -39,25 +41,77 @@ RESUMABLE_CHANGES = {
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Train as `cfg` says, writing everything into cfg.output.dir; return the best epoch's record."""
+    """Train as `cfg` says, writing everything into cfg.output.dir, and return the validation record
+    of the model it hands over: best.pt, calibrated and thresholded on validation."""
     with distributed.session(cfg.device) as (ctx, device):
         if cfg.train.batch_size % ctx.world:
             raise PneumoError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({ctx.world})"
             )
+        if cfg.train.members == 1:
+            return train_member(cfg, resume, ctx, device, final=True)
         run = RunDir(cfg.output.dir, ctx)
-        previous = run.resume_point(cfg, RESUMABLE_CHANGES) if resume else None
-        torch.manual_seed(cfg.seed)
-        train_split, val_split = load_split(cfg, "train"), load_split(cfg, "val")
-        for split in (train_split, val_split):
-            split.require_both_classes()
-            log.info("%s", split.describe())
-        with run.session(cfg, (train_split, val_split), previous):
-            parts = build(cfg, train_split, val_split, device, ctx)
-            state = parts.restore(previous) if previous else TrainState(data=run.data_fingerprint)
-            if previous:
-                log.info("resuming %s after epoch %d", run.path, state.epoch)
-            return fit(cfg, run, parts, state)
+        with run.ensemble_session(cfg, fresh=not resume):
+            members = [member_config(cfg, k) for k in range(cfg.train.members)]
+            for member in members:
+                log.info("ensemble member %d of %d (seed %d)", members.index(member) + 1, len(members), member.seed)
+                train_member(member, resume and (Path(member.output.dir) / "last.pt").exists(), ctx, device)
+            val = load_split(cfg, "val")
+            return hand_over(cfg, run, [Path(m.output.dir) / "best.pt" for m in members], val, device)
+
+
+def train_member(cfg: Config, resume: bool, ctx: Context, device: torch.device, final: bool = False) -> dict:
+    """One network's training run in cfg.output.dir: best.pt holds its best epoch, or, when this run is
+    the whole model (`final`), the model handed over."""
+    run = RunDir(cfg.output.dir, ctx)
+    previous = run.resume_point(cfg, RESUMABLE_CHANGES) if resume else None
+    torch.manual_seed(cfg.seed)
+    train_split, val_split = load_split(cfg, "train"), load_split(cfg, "val")
+    for split in (train_split, val_split):
+        split.require_both_classes()
+        log.info("%s", split.describe())
+    with run.session(cfg, (train_split, val_split), previous):
+        parts = build(cfg, train_split, val_split, device, ctx)
+        state = parts.restore(previous) if previous else TrainState(data=run.data_fingerprint)
+        if previous:
+            log.info("resuming %s after epoch %d", run.path, state.epoch)
+        best = fit(cfg, run, parts, state)
+        return hand_over(cfg, run, [run.best], val_split, device) if final else best
+
+
+def member_config(cfg: Config, k: int) -> Config:
+    """The config of ensemble member k: its own seed and run directory, the rest shared (the validation
+    split too: it is drawn by data.split_seed)."""
+    seed = cfg.seed + k
+    directory = str(Path(cfg.output.dir) / "members" / f"seed-{seed}")
+    return replace(cfg, seed=seed, train=replace(cfg.train, members=1), output=replace(cfg.output, dir=directory))
+
+
+def hand_over(cfg: Config, run: RunDir, checkpoints: list[Path], val: Split, device: torch.device) -> dict:
+    """Write the run's final best.pt: the members' best epochs as one model, calibrated and thresholded
+    on validation. The per-epoch figures in metrics.jsonl are before calibration."""
+    if not run.ctx.main:
+        return {}
+    model = assemble(cfg, checkpoints, val, device)
+    save_checkpoint(run.best, model.payload())
+    m = model.val_metrics
+    log.info(
+        "final model (epoch %s, %s calibration): val AUC %.4f, accuracy %.4f, sensitivity %.4f, specificity %.4f "
+        "at threshold %.4f (%s), ECE %.4f (cross-validated %.4f); %s",
+        model.epoch,
+        cfg.train.calibration,
+        m["auc"],
+        m["accuracy"],
+        m["sensitivity"],
+        m["specificity"],
+        model.threshold,
+        cfg.train.threshold,
+        m["ece"],
+        m["ece_cross_validated"],
+        run.best,
+    )
+    scalars = {f"val_{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+    return {"epoch": model.epoch, **scalars}
 
 
 @dataclass

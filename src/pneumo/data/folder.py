@@ -34,11 +34,18 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], np.ndarray]:
         raise PneumoError(f"data folder {root} does not exist (set data.root)")
     if not split_dir.is_dir():
         raise PneumoError(f"split '{split}' not found: {split_dir} does not exist")
+    return list_classes(split_dir, f"split '{split}'")
+
+
+def list_classes(folder: str | Path, what: str) -> tuple[list[str], np.ndarray]:
+    """Image paths (sorted) and labels of FOLDER/NORMAL and FOLDER/PNEUMONIA; `what` names the folder
+    in errors."""
+    folder = Path(folder)
     paths, labels = [], []
     for label, name in enumerate(CLASSES):
-        class_dir = split_dir / name
+        class_dir = folder / name
         if not class_dir.is_dir():
-            raise PneumoError(f"{class_dir} does not exist: split '{split}' needs NORMAL and PNEUMONIA folders")
+            raise PneumoError(f"{class_dir} does not exist: {what} needs NORMAL and PNEUMONIA folders")
         found = sorted(
             str(p)
             for p in class_dir.iterdir()
@@ -47,9 +54,7 @@ def list_split(root: str | Path, split: str) -> tuple[list[str], np.ndarray]:
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise PneumoError(
-            f"split '{split}' in {split_dir} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise PneumoError(f"{what} in {folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths, np.asarray(labels, dtype=np.int64)
 
 
