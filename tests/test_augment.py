@@ -97,7 +97,7 @@ def test_new_kinds_at_zero_draw_nothing():
     # Recipes written before aspect/hflip/gamma/erase existed keep their exact augmentation stream:
     # six draws per image (angle, zoom, two shifts, contrast, brightness), as before.
     g = torch.Generator().manual_seed(4)
-    augment(batch(), AugmentConfig(aspect=0, hflip=0, gamma=0, erase=0), g)
+    augment(batch(), AugmentConfig(aspect=0, hflip=0, gamma=0, erase=0, sharpen=0, noise=0), g)
     reference = torch.Generator().manual_seed(4)
     for _ in range(6):
         torch.rand(4, generator=reference, dtype=torch.float64)
@@ -114,3 +114,22 @@ def test_blur_softens_edges_by_a_random_amount_per_image():
     assert torch.allclose(y[..., :4], torch.zeros(()), atol=1e-4) and torch.allclose(
         y[..., -4:], torch.ones(()), atol=1e-4
     )
+
+
+def test_sharpen_steepens_edges_by_a_random_amount_per_image():
+    x = torch.full((16, 1, 32, 32), 0.3)
+    x[..., 16:] = 0.7  # a vertical edge, mid-grey on both sides so that overshoot shows
+    y = augment(x, AugmentConfig(sharpen=1.5, **ONLY), torch.Generator().manual_seed(0))
+    overshoot = y[:, 0, :, 16].mean(-1) - 0.7  # the bright side of the edge rises above its level
+    assert overshoot.min() < 0.02 and overshoot.max() > 0.08  # from barely to clearly sharpened
+    assert torch.allclose(y[..., :4], torch.full((), 0.3), atol=1e-4)  # flat areas untouched
+
+
+def test_noise_has_a_random_strength_per_image_and_keeps_the_mean():
+    x = torch.full((64, 1, 32, 32), 0.5)
+    y = augment(x, AugmentConfig(noise=0.04, **ONLY), torch.Generator().manual_seed(0))
+    sd = (y - x).std(dim=(1, 2, 3))
+    assert sd.min() < 0.01 and 0.03 < sd.max() < 0.045  # uniform in [0, 0.04]
+    assert abs(float((y - x).mean())) < 1e-3
+    again = augment(x, AugmentConfig(noise=0.04, **ONLY), torch.Generator().manual_seed(0))
+    assert torch.equal(y, again)  # drawn from the run's generator: reproducible

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import (
     KERMANY224,
@@ -263,3 +264,42 @@ def test_evaluation_report(tmp_path):
     )
     assert len(m["explanations"]) == 2 and all((out / e["file"]).exists() for e in m["explanations"])
     assert m["explanations"][0]["file"] in report
+
+
+def test_one_entry_point_with_every_command():
+    result = subprocess.run([sys.executable, "-m", "pneumo", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("train", "evaluate", "predict", "export", "calibrate", "download"):
+        assert command in result.stdout
+    version = subprocess.run([sys.executable, "-m", "pneumo", "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("pneumo 0.") and "torch" in version.stdout
+    helped = subprocess.run([sys.executable, "-m", "pneumo", "predict", "--help"], capture_output=True, text=True)
+    assert "--shard K/N" in helped.stdout and "(default: 64)" in helped.stdout  # options with their defaults
+
+
+def test_print_config_shows_the_resolved_yaml_and_does_nothing_else(tmp_path):
+    result = call(
+        train_main, "--config", ROOT / "configs" / "quickstart.yaml", "--set", "train.epochs=2", "--print-config"
+    )
+    assert result.returncode == 0
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["epochs"] == 2 and printed["output"]["dir"] == "runs/quickstart"
+    assert not (ROOT / "runs" / "quickstart" / ".printed").exists()
+
+
+def test_sigterm_stops_a_run_cleanly(tmp_path):
+    raw = tiny_raw(tmp_path / "run", data={"image_size": 48, "synthetic": {"n_train": 480}}, train={"epochs": 50})
+    cfg = write_config(tmp_path / "exp.yaml", raw)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg)],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline and not (tmp_path / "run" / "last.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # nothing half-written

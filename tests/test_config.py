@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_bad_values_name_file_and_key(tmp_path, text, key):
 def test_unreadable_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [1,\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
@@ -112,3 +113,47 @@ def test_override_does_not_touch_the_original():
 def test_round_trip_through_yaml():
     cfg = load_config(CONFIGS / "kermany.yaml")
     assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: 3\ntrain:\n  lr: 0.1\n", "the key 'train' appears twice"),
+        ("a: &x [1, 2]\nb: *x\n", "aliases (*name) are not allowed"),
+        ("data:\n  synthetic:\n    n_train: 1000000000000\n", "data.synthetic.n_train: 1000000000000 is out of range"),
+    ],
+)
+def test_hostile_files_are_refused_before_any_work(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_an_alias_bomb_is_refused_at_its_first_alias(tmp_path):
+    # About 300 bytes that would expand to 9^9 (387 million) list items.
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    bomb = "\n".join(lines) + "\n"
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(write(tmp_path, f"seed: 0\n{bomb}"))
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(write(tmp_path, "seed: 0\n"), ["train.epochs=[&a [1, 1], *a, *a]"])
+
+
+@pytest.mark.parametrize("item", ["model.channels=[16,32", "seed=*a", "train.lr={"])
+def test_yaml_errors_in_overrides_name_the_override(tmp_path, item):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "seed: 0\n"), [item])
+    assert str(err.value).startswith(f"--set {item}: not valid YAML")
+
+
+def test_long_values_are_cut_short_in_messages(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, f"seed: '{'x' * 10000}'\n"))
+    assert len(str(err.value)) < 300
+
+
+def test_a_fifo_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "exp.yaml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path / "exp.yaml")

@@ -73,6 +73,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith(".")) == [
         "best.pt",
         "config.yaml",
+        "curves.png",
         "last.pt",
         "metrics.jsonl",
         "split.json",

@@ -141,3 +141,34 @@ def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_n():
     y = np.array([0, 1] * 20)
     p = np.linspace(0, 1, 40)
     assert bootstrap_ci(y, p, 0.5, 100, seed=3) == bootstrap_ci(y, p, 0.5, 100, seed=3)
+
+
+def test_midpoint_threshold_sits_between_the_class_medians_in_logit_space():
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-np.asarray(x, dtype=float)))
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = sigmoid([-6, -4, -1, 0, 2, 8])  # medians -4 and 2: halfway is -1
+    assert choose_threshold(y, p, "midpoint") == pytest.approx(sigmoid(-1))
+    # Unlike the tail-fitted rules, it ignores where the closest cases of the two classes happen to fall.
+    moved = sigmoid([-6, -4, -3.5, -3, 2, 8])
+    assert choose_threshold(y, moved, "midpoint") == pytest.approx(sigmoid(-1))
+    assert choose_threshold(y, moved, "balanced") != pytest.approx(choose_threshold(y, p, "balanced"))
+
+
+def test_bootstrap_resamples_whole_patients():
+    from pneumo.metrics import bootstrap_unit
+
+    rng = np.random.default_rng(0)
+    # 40 patients with 5 near-identical images each: 200 images, but only 40 independent cases.
+    patient_scores = rng.random(40)
+    labels = np.repeat((patient_scores > 0.5).astype(int), 5)
+    labels[:5] = 1 - labels[:5]  # one patient's images all misread
+    probs = np.repeat(patient_scores, 5) + rng.normal(0, 0.01, 200)
+    groups = np.repeat(np.arange(40), 5)
+    by_image = bootstrap_ci(labels, probs, 0.5, 500, 0)
+    by_patient = bootstrap_ci(labels, probs, 0.5, 500, 0, groups)
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]
+    assert width(by_patient) > 1.5 * width(by_image)  # honest intervals are wider
+    assert bootstrap_unit(groups, 200) == "patients" and bootstrap_unit(np.arange(200), 200) == "images"
+    assert bootstrap_unit(None, 200) == "images"

@@ -33,3 +33,40 @@ def test_learns_a_trivial_task():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def test_classifier_averages_members_mirror_and_applies_the_calibration():
+    from pneumo.models import Classifier
+
+    torch.manual_seed(0)
+    a, b = SmallCNN([4, 8], stem_stride=1).eval(), SmallCNN([4, 8], stem_stride=1).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        mean = (a(x) + b(x)) / 2
+        assert torch.allclose(Classifier([a, b], scale=2.0, bias=-1.0).eval()(x), 2 * mean - 1, atol=1e-6)
+        flipped = (a(x.flip(-1)) + b(x.flip(-1))) / 2
+        assert torch.allclose(Classifier([a, b], tta=True).eval()(x), (mean + flipped) / 2, atol=1e-6)
+        assert torch.equal(Classifier([a]).eval()(x), a(x))  # one member, no calibration: the network itself
+
+
+def test_pooling_before_the_relu_changes_nothing():
+    """SmallCNN pools before its ReLU for speed; the classic order gives the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = SmallCNN([4, 8], stem_stride=2, dropout=0.0)  # training mode: batch statistics, no randomness
+    x = torch.rand(6, 1, 32, 32)
+    out = model(x)
+    out.sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    classic = model.head(model.features((x - 0.5) / 0.25)).squeeze(1)
+    classic.sum().backward()
+    assert torch.equal(out, classic)
+    assert all(torch.equal(fast[n], p.grad) for n, p in model.named_parameters())
+
+
+def test_flops_per_image():
+    model = SmallCNN([32, 64, 128, 256], stem_stride=2)
+    # Convolutions at 112, 56, 28 and 14 pixels: 3.6 + 57.8 * 3 million multiply-adds.
+    macs = 112**2 * 32 * 9 + 56**2 * 64 * 32 * 9 + 28**2 * 128 * 64 * 9 + 14**2 * 256 * 128 * 9 + 256
+    assert model.flops_per_image(224, training=False) == 2 * macs
+    assert model.flops_per_image(224) == 6 * macs

@@ -68,3 +68,21 @@ def test_evaluate_with_numpy_backend_gives_the_same_metrics(production_checkpoin
 def test_numpy_nn_never_imports_torch():
     code = "import sys, pneumo.numpy_nn; assert 'torch' not in sys.modules, 'torch was imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_numpy_runs_ensembles_with_mirror_averaging_and_calibration(tmp_path, tiny_config):
+    from dataclasses import replace
+
+    from pneumo.calibration import Calibration
+    from pneumo.models import build_model
+
+    cfg = tiny_config(model={"tta": True})
+    torch.manual_seed(0)
+    members = [build_model(cfg.model).state_dict() for _ in range(2)]
+    model = TrainedModel(config=cfg, members=members, threshold=0.5, threshold_method="fixed")
+    model = replace(model, calibration=Calibration("platt", 0.7, -0.3))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    p_numpy = predict_numpy(numpy_classifier(model), images, batch_size=2)
+    with torch.no_grad():
+        p_torch = torch.sigmoid(model.network().double()(torch.from_numpy(images[:, None] / 255.0))).numpy()
+    assert np.abs(p_numpy - p_torch).max() < 1e-12

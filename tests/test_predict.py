@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, make_images, run_script
@@ -96,7 +97,7 @@ def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, che
     fcntl.flock(fd, fcntl.LOCK_EX)  # another live run holds it
     os.write(fd, b"4242\n")
     result = predict_cli("--checkpoint", checkpoint, "--out", out, tmp_path / "imgs")
-    assert result.returncode == 5 and "another pneumo-predict (pid 4242) is writing scores.csv" in result.stderr
+    assert result.returncode == 5 and "another pneumo-predict (pid 4242) is writing " + str(out) in result.stderr
     os.close(fd)  # the holder dies: its lock goes with it, the file stays behind
     assert lock.exists()
     result = predict_cli(
@@ -122,3 +123,123 @@ def test_exit_codes_for_bad_arguments_and_checkpoints(tmp_path, checkpoint):
     result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "other.csv", tmp_path / "imgs")
     assert result.returncode == 2 and "is not a pneumo-predict output" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def odd_names(folder: Path) -> list[bytes]:
+    """Images whose names hold a line feed, a carriage return, a quote, a comma and a byte that is not UTF-8."""
+    make_images(folder, 1)
+    (good,) = folder.rglob("*.png")
+    names = [b"new\nline.png", b"carriage\rreturn.png", b'quote",comma.png', b"bad\xff.png"]
+    for name in names:
+        with open(os.fsencode(folder) + b"/" + name, "wb") as f:
+            f.write(good.read_bytes())
+    return names
+
+
+def test_odd_file_names_round_trip_through_the_csv(tmp_path, checkpoint):
+    names = odd_names(tmp_path / "imgs")
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]
+    assert predict_main(args) == 0
+    rows = read(out)
+    assert len(rows) == 5 and all(r["probability"] for r in rows)
+    assert {os.fsencode(r["path"]).rsplit(b"/", 1)[1] for r in rows} >= set(names)
+    # Cut the file right after the line feed inside the first quoted path, as a kill could.
+    data = out.read_bytes()
+    header_end = data.index(b"\n") + 1
+    out.write_bytes(data[: data.index(b"new\n", header_end) + 4])
+    result = predict_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "incomplete row" in result.stderr
+    rows = read(out)
+    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5  # every file once, none scored twice
+    assert predict_main(args) == 0 and len(read(out)) == 5  # and a third run reads its own output
+
+
+def test_a_fifo_in_an_input_list_is_a_row_not_a_hang(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "list.csv").write_bytes(b"path,label\npipe.png\nimgs/a/img0001.png,x\n,\n\xff\xfe.png\n")
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "list.csv")]) == 4
+    errors = {Path(r["path"]).name: r["error"] for r in read(out)}
+    assert "not a regular file" in errors["pipe.png"] and errors["img0001.png"] == ""
+    assert "file not found" in [e for name, e in errors.items() if name.startswith("\udcff")][0]
+
+
+def test_a_symlink_to_the_output_meets_the_same_lock(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "scores.csv"
+    out.write_bytes(b"")
+    (tmp_path / "alias.csv").symlink_to(out)
+    fd = os.open(tmp_path / "scores.csv.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a run writing scores.csv
+    try:
+        result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "alias.csv", tmp_path / "imgs")
+        assert result.returncode == 5 and f"is writing {out}" in result.stderr
+    finally:
+        os.close(fd)
+
+
+def test_shards_split_the_inputs_without_overlap(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 30)
+    outs = [tmp_path / f"shard-{k}.csv" for k in (1, 2, 3)]
+    for k, out in enumerate(outs, 1):
+        args = ["--checkpoint", str(checkpoint), "--out", str(out), "--shard", f"{k}/3", str(tmp_path / "imgs")]
+        assert predict_main(args) == 0
+    paths = [[r["path"] for r in read(out)] for out in outs]
+    assert sorted(sum(paths, [])) == sorted(str(p.resolve()) for p in (tmp_path / "imgs").rglob("*.png"))
+    assert all(paths), [len(p) for p in paths]  # every share gets some of the 30 files
+    # The same share on another machine, where the folder is mounted elsewhere.
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "imgs")
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(tmp_path / "imgs", moved)
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "again.csv"), "--shard", "2/3", str(moved)]
+    assert predict_main(args) == 0
+    assert sorted(Path(r["path"]).name for r in read(tmp_path / "again.csv")) == sorted(Path(p).name for p in paths[1])
+    assert (
+        predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "x.csv", "--shard", "4/3", tmp_path).returncode == 2
+    )
+
+
+def test_rows_record_what_made_them(tmp_path, checkpoint):
+    import torch
+
+    from pneumo import __version__
+    from pneumo.checkpoint import TrainedModel
+    from pneumo.config import config_hash
+
+    make_images(tmp_path / "imgs", 1)
+    assert (
+        predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]) == 0
+    )
+    (row,) = read(tmp_path / "s.csv")
+    assert (row["pneumo"], row["torch"]) == (__version__, str(torch.__version__))
+    assert row["config"] == config_hash(TrainedModel.load(checkpoint).config)
+
+
+def test_an_unwritable_log_file_is_one_sentence(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 1)
+    result = predict_cli(
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "s.csv",
+        "--log-file",
+        tmp_path / "no" / "x.log",
+        tmp_path / "imgs",
+    )
+    assert result.returncode == 2 and "--log-file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, monkeypatch):
+    make_images(tmp_path / "imgs", 2)
+    monkeypatch.setattr("pneumo.predict.predict", lambda *a, **k: np.array([np.nan, 0.4]))
+    assert (
+        predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]) == 4
+    )
+    rows = read(tmp_path / "s.csv")
+    assert [r["label"] for r in rows] == ["", "NORMAL"] and "no finite probability" in rows[0]["error"]

@@ -23,6 +23,7 @@ def test_run_directory_holds_everything(tiny_config):
         "train.log",
         "best.pt",
         "last.pt",
+        "curves.png",
     }
     records = history(run)
     assert [r["epoch"] for r in records] == [1, 2]
@@ -147,3 +148,95 @@ def test_bad_images_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_config
             )
         )
     assert not (tmp_path / "run2").exists()  # stopped before anything was written
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tiny_config):
+    import fcntl
+    import os
+
+    from pneumo.errors import OutputLocked
+
+    cfg = tiny_config()
+    run = Path(cfg.output.dir)
+    run.mkdir(parents=True)
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live run holds the directory
+    try:
+        with pytest.raises(OutputLocked, match="another pneumo-train"):
+            train(cfg)
+    finally:
+        os.close(fd)
+    assert not (run / "best.pt").exists()
+
+
+def test_resume_refuses_when_the_data_changed(tmp_path, tiny_config):
+    write_folder(tmp_path / "xray", {"train": 40}, size=32)
+    cfg = tiny_config(data={"format": "folder", "root": str(tmp_path / "xray")})
+    train(cfg)
+    write_folder(tmp_path / "more", {"train": 2}, size=32, seed=7)
+    for f in (tmp_path / "more" / "train" / "PNEUMONIA").iterdir():
+        f.rename(tmp_path / "xray" / "train" / "PNEUMONIA" / f"person9{f.name[6:]}")
+    split_before = (Path(cfg.output.dir) / "split.json").read_text()
+    with pytest.raises(PneumoError, match="the data differs from what the run .* was started on"):
+        train(tiny_config(data={"format": "folder", "root": str(tmp_path / "xray")}, train={"epochs": 3}), resume=True)
+    assert (Path(cfg.output.dir) / "split.json").read_text() == split_before
+
+
+def test_a_new_run_leaves_none_of_the_old_runs_files(tmp_path, tiny_config):
+    write_folder(tmp_path / "xray", {"train": 40}, size=32)
+    (tmp_path / "xray" / "train" / "NORMAL" / "IM-7777-0001.jpeg").write_text("not an image")
+    skip = tiny_config(data={"format": "folder", "root": str(tmp_path / "xray"), "on_bad_image": "skip"})
+    train(skip)
+    run = Path(skip.output.dir)
+    assert (run / "bad_images.csv").exists()
+    (tmp_path / "xray" / "train" / "NORMAL" / "IM-7777-0001.jpeg").unlink()
+    train(tiny_config(data={"format": "folder", "root": str(tmp_path / "xray")}))
+    assert not (run / "bad_images.csv").exists()
+    assert (run / "train.log").read_text().count("epoch 1/2: train loss") == 1  # not appended to the old log
+
+
+def test_the_handed_over_model_is_calibrated_on_validation(tiny_config):
+    from pneumo.evaluation import score
+
+    cfg = tiny_config(train={"epochs": 3, "pos_weight": 0.2})  # a weighted loss pulls probabilities down
+    best = train(cfg)
+    model = TrainedModel.load(Path(cfg.output.dir) / "best.pt")
+    assert model.calibration.method == "platt" and model.calibration.scale > 0
+    assert best["val_ece"] == pytest.approx(model.val_metrics["ece"]) and best["val_ece"] < 0.1
+    assert 0 <= best["val_ece_cross_validated"] < 0.2
+    # The stored threshold applies to the calibrated probabilities that every command computes.
+    from pneumo.data import load_split
+    from pneumo.metrics import binary_metrics
+
+    val = load_split(model.config, "val")
+    assert binary_metrics(val.labels, score(model, val.images), model.threshold)["accuracy"] == pytest.approx(
+        best["val_accuracy"]
+    )
+
+
+def test_an_ensemble_trains_its_members_and_averages_them(tiny_config):
+    import torch
+
+    cfg = tiny_config(train={"members": 2, "epochs": 1})
+    best = train(cfg)
+    run = Path(cfg.output.dir)
+    members = [TrainedModel.load(run / "members" / f"seed-{s}" / "best.pt") for s in (0, 1)]
+    assert members[0].config.seed == 0 and members[1].config.seed == 1
+    model = TrainedModel.load(run / "best.pt")
+    assert len(model.members) == 2 and model.epoch == [1, 1] and best["epoch"] == [1, 1]
+    x = torch.rand(3, 1, 32, 32)
+    raw = [m.network()(x) for m in members]
+    raw = [(r - m.calibration.bias) / m.calibration.scale for r, m in zip(raw, members, strict=True)]
+    expected = (raw[0] + raw[1]) / 2 * model.calibration.scale + model.calibration.bias
+    assert torch.allclose(model.network()(x), expected, atol=1e-5)
+    # Resumed with nothing left to do, it hands over the same model.
+    assert train(cfg, resume=True)["val_auc"] == best["val_auc"]
+
+
+def test_curves_are_drawn_every_epoch_and_tensorboard_on_request(tiny_config):
+    cfg = tiny_config(output={"tensorboard": True})
+    train(cfg)
+    run = Path(cfg.output.dir)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -126,7 +126,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write `payload` (a TrainedModel's, plus anything training needs to resume) atomically, with
     the format tag and the checksum of its weights."""
     payload = {"format": FORMAT, **payload, "weights_sha256": weights_digest(payload["members"])}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except RuntimeError as e:  # torch reports a failed write (a full disk, say) as a RuntimeError
+        first_line = (str(e).splitlines() or ["write failed"])[0][:200]
+        raise PneumoError(f"cannot write the checkpoint {path} ({first_line}); is the disk full?") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:

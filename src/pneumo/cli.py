@@ -125,6 +125,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-file", help="also append the log lines to this file")
     p.add_argument(
+        "--shard",
+        default="1/1",
+        metavar="K/N",
+        help="score only the K-th of N shares of the inputs (by a hash of each path), for N jobs on N machines",
+    )
+    p.add_argument(
         "--trust-torchscript",
         action="store_true",
         help="allow --checkpoint to be an exported TorchScript file (TorchScript is code: only files you trust)",
@@ -134,10 +140,11 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _predict(args) -> int:
     if args.batch_size < 1:
         raise PneumoError("--batch-size must be at least 1")
-    from pneumo.predict import InferenceModel, run_predict
+    from pneumo.predict import InferenceModel, PredictOptions, Shard, run_predict
 
+    options = PredictOptions(args.batch_size, args.device, Shard.parse(args.shard))
     model = InferenceModel.load(_checkpoint(args), trust_torchscript=args.trust_torchscript)
-    summary = run_predict(model, args.inputs, args.out, args.batch_size, args.device)
+    summary = run_predict(model, args.inputs, args.out, options)
     log.info("%s", summary.line(args.out))  # the log file gets the summary too
     print(f"pneumo-predict: {summary.line(args.out)}")
     return EXIT_SOME_BAD if summary.bad else EXIT_OK

@@ -26,9 +26,9 @@ def _range(lo=None, hi=None, **kw):
 
 @dataclass
 class SyntheticConfig:
-    n_train: int = field(default=800, metadata=_range(2))
-    n_val: int = field(default=200, metadata=_range(2))
-    n_test: int = field(default=200, metadata=_range(2))
+    n_train: int = field(default=800, metadata=_range(2, 100_000))
+    n_val: int = field(default=200, metadata=_range(2, 100_000))
+    n_test: int = field(default=200, metadata=_range(2, 100_000))
     prevalence: float = field(default=0.5, metadata=_range(0.05, 0.95))
 
 
@@ -47,7 +47,7 @@ class DataConfig:
     # error: stop at the first unusable file, naming it; skip: leave it out and list it in bad_images.csv
     on_bad_image: Literal["error", "skip"] = "error"
     # Larger images are refused as possible decompression bombs (a 7000 x 7000 radiograph is 49 M).
-    max_pixels: int = field(default=100_000_000, metadata=_range(1))
+    max_pixels: int = field(default=100_000_000, metadata=_range(1, 2_000_000_000))
     workers: int = field(default=0, metadata=_range(0, 256, doc="image decoding threads; 0 = all cores"))
     # Decoded, resized images are kept as uint8 arrays here (default: $XDG_CACHE_HOME/pneumo or ~/.cache/pneumo).
     cache: bool = True
@@ -94,8 +94,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = field(default=10, metadata=_range(1, 10_000))
-    batch_size: int = field(default=32, metadata=_range(1, 65_536))
-    eval_batch_size: int = field(default=128, metadata=_range(1, 65_536))
+    batch_size: int = field(default=32, metadata=_range(1, 4096))
+    eval_batch_size: int = field(default=128, metadata=_range(1, 4096))
     lr: float = field(default=2e-3, metadata=_range(0, 10))
     weight_decay: float = field(default=1e-4, metadata=_range(0, 10))
     warmup_epochs: float = field(default=1.0, metadata=_range(0, 1000))
@@ -125,6 +125,8 @@ class TrainConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/quickstart"
+    # Also write TensorBoard event files into DIR/tensorboard (the tensorboard extra); curves.png always.
+    tensorboard: bool = False
 
 
 @dataclass
@@ -141,14 +143,16 @@ class Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML experiment file, apply `section.key=value` overrides, validate everything."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes: not an experiment file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raw = parse_yaml(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} cannot be read: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {_show(raw)}")
@@ -165,7 +169,7 @@ def apply_override(raw: dict, item: str) -> dict:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item}: expected section.key=value")
-    value = yaml.safe_load(text) if text.strip() else None
+    value = parse_yaml(text, f"--set {item}") if text.strip() else None
     out = _deepcopy(raw)
     node = out
     *parents, leaf = key.strip().split(".")
@@ -176,6 +180,38 @@ def apply_override(raw: dict, item: str) -> dict:
         node = child
     node[leaf] = value
     return out
+
+
+MAX_CONFIG_BYTES = 1_000_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (a few bytes of nested aliases can expand to gigabytes) and without
+    repeated keys (a second `train:` section would silently replace the first)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in pneumo configs", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
@@ -298,7 +334,10 @@ def _bounds(meta) -> str:
 
 
 def _show(value) -> str:
-    return "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
 
 
 def config_hash(cfg: Config) -> str:

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumo import __version__
 from pneumo.checkpoint import TrainedModel
+from pneumo.config import config_hash
 from pneumo.data import Split, bad_image_report, load_split
 from pneumo.data.images import load_image
 from pneumo.device import prepare, resolve_device
@@ -57,6 +59,12 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
         "backend": options.backend,
         "n_skipped": len(data.skipped),
         "operating_points": _operating_points(model, data.labels, probs),
+        "provenance": {
+            "pneumo": __version__,
+            "torch": str(torch.__version__),
+            "config_sha256": config_hash(model.config),
+            "model": model.model_id,
+        },
     }
     if options.bootstrap:
         metrics["ci95"] = bootstrap_ci(

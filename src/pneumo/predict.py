@@ -9,9 +9,12 @@ one output, whatever name they reach it by.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumo import __version__
 from pneumo.checkpoint import TrainedModel
-from pneumo.config import DataConfig
+from pneumo.config import DataConfig, config_hash
 from pneumo.data.folder import IMAGE_SUFFIXES
 from pneumo.data.images import decode_all
 from pneumo.device import prepare, resolve_device
@@ -32,7 +36,7 @@ from pneumo.labels import NORMAL, PNEUMONIA
 from pneumo.logs import log
 from pneumo.progress import batches
 
-COLUMNS = ["path", "probability", "label", "model", "error"]
+COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config"]
 
 
 @dataclass
@@ -44,32 +48,61 @@ class InferenceModel:
     threshold: float
     max_pixels: int
     model_id: str
+    config_hash: str = ""
 
     @classmethod
     def load(cls, path: str | Path, trust_torchscript: bool = False) -> InferenceModel:
         if is_torchscript(path):
-            if not trust_torchscript:
-                raise CheckpointError(
-                    f"{path} is a TorchScript file, which is code and can do anything when run; "
-                    "pass --trust-torchscript if you trust where it came from"
-                )
-            try:
-                network, meta = load_torchscript(path)
-                return cls(
-                    network,
-                    int(meta["image_size"]),
-                    float(meta["threshold"]),
-                    DataConfig().max_pixels,
-                    file_sha256(path)[:16],
-                )
-            except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                raise CheckpointError(
-                    f"{path} cannot be loaded as an exported model ({str(e).splitlines()[0][:200]})"
-                ) from None
+            return cls._torchscript(path, trust_torchscript)
         model = TrainedModel.load(path)
+        data = model.config.data
         return cls(
-            model.network(), model.config.data.image_size, model.threshold, model.config.data.max_pixels, model.model_id
+            model.network(),
+            data.image_size,
+            model.threshold,
+            data.max_pixels,
+            model.model_id,
+            config_hash(model.config),
         )
+
+    @classmethod
+    def _torchscript(cls, path: str | Path, trusted: bool) -> InferenceModel:
+        if not trusted:
+            raise CheckpointError(
+                f"{path} is a TorchScript file, which is code and can do anything when run; "
+                "pass --trust-torchscript if you trust where it came from"
+            )
+        try:
+            network, meta = load_torchscript(path)
+            size, threshold = int(meta["image_size"]), float(meta["threshold"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{path} cannot be loaded as an exported model ({str(e).splitlines()[0][:200]})"
+            ) from None
+        config = meta.get("provenance", {}).get("config_sha256", "")
+        return cls(network, size, threshold, DataConfig().max_pixels, file_sha256(path)[:16], config)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This job's share of the inputs: the files whose key hashes to k modulo n (k counted from 1)."""
+
+    k: int = 1
+    n: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        k, sep, n = text.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise PneumoError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 2/8")
+        return cls(int(k), int(n))
+
+    def holds(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        return int.from_bytes(digest[:8], "big") % self.n == self.k - 1
+
+    def __str__(self) -> str:
+        return f"{self.k}/{self.n}"
 
 
 @dataclass
@@ -79,35 +112,35 @@ class Summary:
     scored: int
     bad: int
     seconds: float
+    shard: Shard = Shard()
 
     def line(self, out: Path) -> str:
         rate = self.scored / self.seconds if self.seconds else 0.0
+        share = f"shard {self.shard}: " if self.shard.n > 1 else ""
         return (
-            f"{self.total} files: {self.scored} scored, {self.bad} unusable, {self.already_done} already in {out}; "
-            f"{self.seconds:.1f} s ({rate:.1f} images/s)"
+            f"{share}{self.total} files: {self.scored} scored, {self.bad} unusable, {self.already_done} already in "
+            f"{out}; {self.seconds:.1f} s ({rate:.1f} images/s)"
         )
 
 
-def run_predict(
-    model: InferenceModel, inputs: list[str], out: str | Path, batch_size: int = 64, device: str = "auto"
-) -> Summary:
-    """Score every image file named by `inputs` that `out` does not hold yet, appending rows to `out`."""
+def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, options: PredictOptions) -> Summary:
+    """Score every image file named by `inputs` (this shard's share) that `out` does not hold yet."""
     start = time.perf_counter()
-    files = find_images(inputs)
-    if not files:
+    found = find_images(inputs)
+    files = [path for path, key in found.items() if options.shard.holds(key)]
+    if not found:
         raise PneumoError(f"no image files found in {', '.join(inputs)}")
-    dev = resolve_device(device)
-    network = prepare(model.network, dev)
+    device = resolve_device(options.device)
+    scorer = _Scorer(model, prepare(model.network, device), device)
     scores = ScoresCsv(out)
-    with FileLock(
-        scores.lock_file,
-        "another pneumo-predict (pid {pid}) is writing " + scores.path.name + "; try again when it has finished",
-    ):
+    busy = "another pneumo-predict (pid {pid}) is writing " + str(scores.target) + "; try again when it has finished"
+    with FileLock(scores.lock_file, busy):
         done = scores.repair_and_read()
         todo = [f for f in files if f not in done]
         log.info(
-            "%d files, %d already in %s, %d to score with model %s",
+            "%d files%s, %d already in %s, %d to score with model %s",
             len(files),
+            f" in shard {options.shard}" if options.shard.n > 1 else "",
             len(files) - len(todo),
             out,
             len(todo),
@@ -115,63 +148,95 @@ def run_predict(
         )
         bad = 0
         with scores.appending() as append:
-            for part in batches(len(todo), batch_size, "predicting"):
-                rows = _score_batch(model, network, dev, todo[part])
+            for paths, (images, errors) in decoded_batches(todo, options.batch_size, model):
+                rows = scorer.rows(paths, images, errors)
                 bad += sum(1 for r in rows if r[4])
                 append(rows)
-    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start)
+    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start, options.shard)
 
 
-def _score_batch(model: InferenceModel, network: nn.Module, device: torch.device, paths: list[str]) -> list[list[str]]:
-    # Memory stays at one batch of images, whatever the number of files.
-    images, errors = decode_all(paths, model.image_size, model.max_pixels, skip_bad=True, desc="decoding")
-    ok = [i for i in range(len(paths)) if i not in errors]
-    probs = predict(network, torch.from_numpy(images[ok]), len(paths), device, desc="scoring") if ok else np.zeros(0)
-    scored = dict(zip(ok, probs, strict=True))
-    rows = []
-    for i, path in enumerate(paths):
-        p = scored.get(i)
-        if p is not None and not np.isfinite(p):
-            errors[i], p = "the model gave no finite probability for this image", None
-        if p is None:
-            rows.append([path, "", "", model.model_id, errors[i]])
-        else:
-            rows.append([path, f"{p:.6f}", PNEUMONIA if p >= model.threshold else NORMAL, model.model_id, ""])
-    return rows
+@dataclass
+class PredictOptions:
+    batch_size: int = 64
+    device: str = "auto"
+    shard: Shard = Shard()
 
 
-def find_images(inputs: list[str]) -> list[str]:
-    """Image files named by `inputs`: folders (searched recursively), image files, or CSV lists whose
-    `path` column (else first column) names files relative to the CSV. Sorted, each once. Named files
-    are kept whatever they are, so that one that cannot be read gets a row saying why."""
-    found: list[str] = []
+def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
+    """(paths, (images, errors)) a batch at a time, with progress. The next batch is decoded (on all
+    cores) while the caller scores this one; at most two batches of images are in memory at once."""
+    parts = [paths[s] for s in batches(len(paths), batch_size, "predicting")]
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        upcoming = None
+        for i, part in enumerate(parts):
+            current = upcoming.result() if upcoming else _decode(part, model)
+            upcoming = ahead.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
+            yield part, current
+
+
+def _decode(paths: list[str], model: InferenceModel) -> tuple[np.ndarray, dict[int, str]]:
+    return decode_all(paths, model.image_size, model.max_pixels, skip_bad=True, desc="decoding")
+
+
+@dataclass
+class _Scorer:
+    model: InferenceModel
+    network: nn.Module
+    device: torch.device
+
+    def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
+        ok = [i for i in range(len(paths)) if i not in errors]
+        net, device = self.network, self.device
+        probs = predict(net, torch.from_numpy(images[ok]), len(paths), device, desc="scoring") if ok else np.zeros(0)
+        scored = dict(zip(ok, probs, strict=True))
+        provenance = [__version__, str(torch.__version__), self.model.config_hash]
+        rows = []
+        for i, path in enumerate(paths):
+            p = scored.get(i)
+            if p is not None and not np.isfinite(p):
+                errors[i], p = "the model gave no finite probability for this image", None
+            if p is None:
+                rows.append([path, "", "", self.model.model_id, errors[i], *provenance])
+            else:
+                label = PNEUMONIA if p >= self.model.threshold else NORMAL
+                rows.append([path, f"{p:.6f}", label, self.model.model_id, "", *provenance])
+        return rows
+
+
+def find_images(inputs: list[str]) -> dict[str, str]:
+    """{resolved path: shard key} of the image files named by `inputs`: folders (searched recursively;
+    key: the path inside the folder), image files (key: as given) and CSV lists whose `path` column (else
+    first column) names files relative to the CSV (key: as written). The keys do not depend on where
+    the data is mounted, so a shard holds the same files on every machine. Named files are kept
+    whatever they are, so that one that cannot be read gets a row saying why."""
+    found: dict[str, str] = {}
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += [
-                str(f.resolve())
-                for f in p.rglob("*")
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith(".")
-            ]
+            for f in sorted(p.rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."):
+                    found.setdefault(str(f.resolve()), f.relative_to(p).as_posix())
         elif p.suffix.lower() == ".csv" and p.is_file():
-            found += _csv_list(p)
+            for name in _csv_list(p):
+                found.setdefault(str((p.parent / name).resolve()), name)
         elif os.path.lexists(p):
-            found.append(str(p.resolve()))
+            found.setdefault(str(p.resolve()), item)
         else:
             raise PneumoError(f"input {item} does not exist")
-    return sorted(set(found))
+    return dict(sorted(found.items()))
 
 
 def _csv_list(path: Path) -> list[str]:
+    """The paths a CSV list names, as written (relative to the CSV unless absolute). Bytes that are not
+    UTF-8 are kept as the file system would name them; short rows are skipped."""
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-    rows = list(csv.reader(io.StringIO(text, newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise PneumoError(f"input list {path} is not a readable CSV ({e})") from None
     has_header = bool(rows) and "path" in rows[0]
     column = rows[0].index("path") if has_header else 0
-    return [
-        str((path.parent / r[column].strip()).resolve())
-        for r in rows[has_header:]
-        if len(r) > column and r[column].strip()
-    ]
+    return [r[column].strip() for r in rows[has_header:] if len(r) > column and r[column].strip()]
 
 
 class ScoresCsv:
@@ -180,14 +245,19 @@ class ScoresCsv:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        target = self.path.resolve()  # a symlink and its target share one lock
-        self.lock_file = target.with_name(target.name + ".lock")
+        self.target = self.path.resolve()  # a symlink and its target share one lock
+        self.lock_file = self.target.with_name(self.target.name + ".lock")
 
     def repair_and_read(self) -> set[str]:
         """Paths already in the file, after cutting off whatever follows its last complete row."""
         if not self.path.exists():
             return set()
         data = self.path.read_bytes()
+        if data.startswith(encode_row(COLUMNS[:5])) and not data.startswith(encode_row(COLUMNS)):
+            raise PneumoError(
+                f"{self.path} was written by an older pneumo-predict (without the provenance columns "
+                f"{', '.join(COLUMNS[5:])}); write to a new file"
+            )
         if data and not data.startswith(encode_row(COLUMNS)):
             raise PneumoError(
                 f"{self.path} exists and is not a pneumo-predict output (it does not start with the "

@@ -16,6 +16,7 @@ import yaml
 
 from pneumo.checkpoint import read_checkpoint
 from pneumo.config import Config, to_dict
+from pneumo.curves import TensorBoard, plot_curves
 from pneumo.data import Split, bad_image_report, split_manifest
 from pneumo.distributed import Context
 from pneumo.errors import PneumoError
@@ -23,7 +24,16 @@ from pneumo.fileio import FileLock, atomic_write_text
 from pneumo.logs import log, logging_to
 
 # Everything a run writes, so that a new run in an old directory leaves none of the old run's files.
-RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "train.log", "bad_images.csv", "config.yaml", "split.json")
+RUN_FILES = (
+    "best.pt",
+    "last.pt",
+    "metrics.jsonl",
+    "train.log",
+    "bad_images.csv",
+    "config.yaml",
+    "split.json",
+    "curves.png",
+)
 
 
 class RunDir:
@@ -31,6 +41,7 @@ class RunDir:
         self.path, self.ctx = Path(path), ctx
         self.best, self.last = self.path / "best.pt", self.path / "last.pt"
         self.data_fingerprint = ""
+        self.tensorboard: TensorBoard | None = None
 
     def resume_point(self, cfg: Config, may_change: set[str]) -> dict:
         """The earlier run's last.pt, once its config is known to match `cfg` but for `may_change`."""
@@ -63,7 +74,13 @@ class RunDir:
                 self._clear()
             with logging_to(self.path / "train.log", mode="a" if previous else "w"):
                 self._describe(cfg, splits, previous)
-                yield
+                if cfg.output.tensorboard:
+                    self.tensorboard = TensorBoard(self.path / "tensorboard")
+                try:
+                    yield
+                finally:
+                    if self.tensorboard is not None:
+                        self.tensorboard.close()
 
     @contextmanager
     def ensemble_session(self, cfg: Config, fresh: bool):
@@ -81,9 +98,13 @@ class RunDir:
                 atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 yield
 
-    def append_metrics(self, row: dict) -> None:
+    def record(self, row: dict, history: list[dict]) -> None:
+        """An epoch's figures: a line of metrics.jsonl, curves.png redrawn, TensorBoard if asked for."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        plot_curves(self.path / "curves.png", history)
+        if self.tensorboard is not None:
+            self.tensorboard.add(row)
 
     def _clear(self) -> None:
         for name in RUN_FILES:
@@ -91,6 +112,7 @@ class RunDir:
                 if name in ("best.pt", "last.pt", "metrics.jsonl"):
                     log.warning("starting a new run in %s: replacing the earlier run's %s", self.path, name)
                 (self.path / name).unlink()
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
 
     def _describe(self, cfg: Config, splits: tuple[Split, ...], previous: dict | None) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

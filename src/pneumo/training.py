@@ -19,6 +19,7 @@ from pneumo import distributed
 from pneumo.assemble import assemble
 from pneumo.checkpoint import TrainedModel, provenance, save_checkpoint
 from pneumo.config import Config
+from pneumo.curves import summary_writer
 from pneumo.data import Split, load_split
 from pneumo.device import prepare, training_dtype
 from pneumo.distributed import Context
@@ -44,6 +45,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     """Train as `cfg` says, writing everything into cfg.output.dir, and return the validation record
     of the model it hands over: best.pt, calibrated and thresholded on validation."""
     with distributed.session(cfg.device) as (ctx, device):
+        if cfg.output.tensorboard:
+            summary_writer()  # a missing tensorboard package stops the run before any work
         if cfg.train.batch_size % ctx.world:
             raise PneumoError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({ctx.world})"
@@ -235,7 +238,7 @@ def fit(cfg: Config, run: RunDir, parts: Parts, state: TrainState) -> dict:
             run.last,
             {**trained_model(cfg, parts.model, state.epoch, val).payload(), "training": parts.training_payload(state)},
         )
-        run.append_metrics(row)
+        run.record(row, state.history)
         _log_epoch(row, t.epochs, state, t.patience)
     return _finish(run, state)
 

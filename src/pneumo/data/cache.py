@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from pneumo.errors import BadImageError
 from pneumo.logs import log
 
 # Bump when decoding changes in a way that changes pixels, so that old entries are not reused.
-DECODER_VERSION = 2
+DECODER_VERSION = 4
 
 
 def default_cache_dir() -> Path:
@@ -57,16 +58,34 @@ def cached_decode(
     if cache_dir is None:
         return decode_all(paths, size, max_pixels, skip_bad, workers, desc)
     entry = Path(cache_dir) / cache_key(paths, size, max_pixels)
-    if not (entry / "meta.json").exists():
+    cached = _read_entry(entry, (len(paths), size, size))
+    if cached is None:
         images, bad = decode_all(paths, size, max_pixels, skip_bad, workers, desc)
         _store(entry, images, bad, paths)
         log.info("cached %d decoded images in %s", len(paths), entry)
-    meta = json.loads((entry / "meta.json").read_text())
-    bad = {int(i): reason for i, reason in meta["bad"].items()}
+        cached = _read_entry(entry, (len(paths), size, size))
+    images, bad = cached
     if bad and not skip_bad:
         i = min(bad)
         raise BadImageError(paths[i], bad[i])
-    return np.load(entry / "images.npy", mmap_mode="r"), bad
+    return images, bad
+
+
+def _read_entry(entry: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[int, str]] | None:
+    """The entry's images (memory-mapped) and bad files, or None when there is no usable entry. A damaged
+    one (cut short by a full disk, or altered) is removed, to be built again."""
+    if not (entry / "meta.json").exists():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        images = np.load(entry / "images.npy", mmap_mode="r")
+        if images.shape != shape or images.dtype != np.uint8 or zlib.crc32(images) != meta["crc32"]:
+            raise ValueError("its contents do not match its description")
+        return images, {int(i): reason for i, reason in meta["bad"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("the cache entry %s is damaged (%s): decoding again", entry, str(e).splitlines()[0][:120])
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
 
 def _store(entry: Path, images: np.ndarray, bad: dict[int, str], paths: list[str]) -> None:
@@ -77,7 +96,8 @@ def _store(entry: Path, images: np.ndarray, bad: dict[int, str], paths: list[str
     try:
         np.save(tmp / "images.npy", images)
         # meta.json last: an entry counts only once it exists, and the rename below makes both appear at once.
-        (tmp / "meta.json").write_text(json.dumps({"paths": paths, "bad": {str(i): r for i, r in bad.items()}}))
+        meta = {"paths": paths, "bad": {str(i): r for i, r in bad.items()}, "crc32": zlib.crc32(images)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, entry)
         except OSError:

@@ -3,55 +3,80 @@
 from __future__ import annotations
 
 import os
-import warnings
+import stat
+import struct
 from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumo.data.dicom import read_dicom
 from pneumo.errors import BadImageError
 from pneumo.progress import progress
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# data.max_pixels is checked from every file's header before decoding (see below), so Pillow's own,
+# lower limit must not override a user who raises it.
+Image.MAX_IMAGE_PIXELS = None
+# A DCT-domain reduction (JPEG decoders can halve a file's size up to three times while decoding)
+# is taken only as far as it keeps this many times the target size, for the final resize to work on.
+DRAFT_MARGIN = 2
 
 
 def load_image(path: str, size: int, max_pixels: int = 100_000_000) -> np.ndarray:
     """One image as grayscale uint8, squashed (not cropped) to size x size like the Kermany 224 copies."""
     if os.path.splitext(path)[1].lower() in DICOM_SUFFIXES:
-        gray = Image.fromarray(read_dicom(path))
+        with open_regular(path) as f:
+            gray = Image.fromarray(read_dicom(f, path, max_pixels))
     else:
-        gray = _read_with_pillow(path, max_pixels)
+        gray = _read_with_pillow(path, size, max_pixels)
     if gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.uint8)
 
 
-def _read_with_pillow(path: str, max_pixels: int) -> Image.Image:
+def open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file; a FIFO, device or socket could block a job
+    for ever, so it is refused without reading from it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
+    except OSError as e:
+        raise BadImageError(path, e.strerror or type(e).__name__) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadImageError(path, "not a regular file (a FIFO, device, socket or folder)")
+    return os.fdopen(fd, "rb")
+
+
+def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
+    with open_regular(path) as f:
+        try:
+            with Image.open(f) as im:
                 # The header gives the size: refuse a bomb before decoding a single pixel.
                 if im.width * im.height > max_pixels:
                     raise BadImageError(
                         path,
-                        f"{im.width} x {im.height} pixels is more than data.max_pixels "
-                        f"({max_pixels}); a decompression bomb?",
+                        f"{im.width} x {im.height} pixels is more than data.max_pixels ({max_pixels}); "
+                        "a decompression bomb?",
                     )
+                if im.format == "JPEG" and min(im.size) >= DRAFT_MARGIN * size:
+                    im.draft(None, (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
                 im.load()
                 return to_grayscale(ImageOps.exif_transpose(im))
-    except BadImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(path, f"possible decompression bomb ({e})") from None
-    except PermissionError:
-        raise BadImageError(path, "permission denied") from None
-    except FileNotFoundError:
-        raise BadImageError(path, "file not found") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        reason = "empty file (0 bytes)" if _is_empty(path) else str(e) or type(e).__name__
-        raise BadImageError(path, reason) from None
+        except BadImageError:
+            raise
+        except UnidentifiedImageError:
+            raise BadImageError(
+                path, "empty file (0 bytes)" if _is_empty(path) else "cannot identify image file"
+            ) from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
+            reason = "empty file (0 bytes)" if _is_empty(path) else str(e) or type(e).__name__
+            raise BadImageError(path, reason) from None
 
 
 def to_grayscale(im: Image.Image) -> Image.Image:
