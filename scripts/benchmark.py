@@ -1,24 +1,56 @@
 #!/usr/bin/env python3
-"""Training, loading and inference throughput: pneumo's pipeline against a typical PyTorch one.
+"""Training, loading and inference throughput: pneumo's pipeline against a typical PyTorch one, and
+against the machine's arithmetic peak.
 
     python scripts/benchmark.py [--data ROOT] [--device cpu|cuda] [--quick] [--json FILE]
 
 Without --data it writes synthetic X-rays as JPEG files into a temporary Kermany-style folder, so
-both pipelines read the same files from disk.
+both pipelines read the same files from disk. Each pipeline runs in a process of its own.
 """
 
 import argparse
 import json
 import sys
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from pneumo.benchmark import bench_pneumo, bench_typical, default_workers, model_flops_per_image, peak_bf16_tflops
+from pneumo.benchmark import Settings, cpu_peak, default_workers, gpu_peak_tflops, run_isolated
 from pneumo.config import load_config
 from pneumo.data.synthetic import write_folder
 from pneumo.device import resolve_device
+from pneumo.models import build_model
+
+RATES = (("train_images_per_s", "train"), ("load_images_per_s", "load"), ("infer_images_per_s", "inference"))
+
+
+def limits(report: dict, model, size: int, device: torch.device, cpu_ghz: float | None) -> dict:
+    """FLOPs per image and the achieved rates as a share of the hardware's peak."""
+    train_flops, infer_flops = model.flops_per_image(size), model.flops_per_image(size, training=False)
+    out = {"train_gflops_per_image": train_flops / 1e9, "infer_gflops_per_image": infer_flops / 1e9}
+    achieved = {
+        "train": report["pneumo"]["train_images_per_s"] * train_flops / 1e9,
+        "infer": report["pneumo"]["infer_images_per_s"] * infer_flops / 1e9,
+        "typical_train": report["typical"]["train_images_per_s"] * train_flops / 1e9,
+    }
+    if device.type == "cuda":
+        peak, what = (gpu_peak_tflops(device) or 0) * 1e3, "dense bf16 tensor cores"
+    else:
+        p = cpu_peak()
+        if cpu_ghz:
+            p = replace(p, ghz=cpu_ghz, clock_source="clock given with --cpu-ghz")
+        amx = report["pneumo"]["train_dtype"] == "bfloat16" and p.bf16_amx_gflops
+        peak, what = (
+            (p.bf16_amx_gflops if amx else p.fp32_gflops),
+            ("AMX bf16: " if amx else "float32 FMA: ") + p.assumptions(),
+        )
+        out["cpu"] = p.cpu
+    out.update({f"{k}_gflops_per_s": v for k, v in achieved.items()})
+    if peak:
+        out.update({f"{k}_share_of_peak": v / peak for k, v in achieved.items()}, peak_gflops_per_s=peak, peak=what)
+    return out
 
 
 def main() -> int:
@@ -31,8 +63,11 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=default_workers(), help="DataLoader workers of the typical pipeline"
     )
-    parser.add_argument("--quick", action="store_true", help="256 synthetic images: about a minute on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="256 synthetic images: a minute or two on 2 CPU cores")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--cpu-ghz", type=float, help="the clock for the CPU's peak, if turbo runs above what it reports"
+    )
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -41,47 +76,49 @@ def main() -> int:
         root = Path(args.data) if args.data else Path(tmp) / "xray"
         if not args.data:
             write_folder(root, {"train": 256 if args.quick else args.images}, size, suffix=".jpeg")
-        pneumo = bench_pneumo(root, size, cfg.model, device, args.batch, Path(tmp) / "cache", cfg.train.precision)
-        typical = bench_typical(root, size, cfg.model, device, args.batch, args.workers)
-
-    report = {
-        "pneumo": pneumo,
-        "typical": typical,
-        "ratio": {k: pneumo[k] / typical[k] for k in ("train_images_per_s", "load_images_per_s", "infer_images_per_s")},
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "settings": {
-            "image_size": size,
-            "channels": cfg.model.channels,
-            "batch": args.batch,
-            "workers": args.workers,
-            "images": pneumo["images"],
-            "data": args.data or "synthetic JPEG",
-            "torch": torch.__version__,
-        },
-    }
-    peak = peak_bf16_tflops(device)
-    if peak:
-        achieved = pneumo["train_images_per_s"] * model_flops_per_image(cfg.model, size) / 1e12
-        report["pneumo"]["train_tflops"] = achieved
-        report["pneumo"]["fraction_of_bf16_peak"] = achieved / peak
-
-    print(
-        f"{report['device']}, {pneumo['images']} images at {size}x{size}, batch {args.batch}, pneumo "
-        f"trains in {pneumo['train_dtype']}"
+        settings = Settings(
+            str(root),
+            size,
+            cfg.model.channels,
+            cfg.model.stem_stride,
+            args.device,
+            args.batch,
+            args.workers,
+            str(Path(tmp) / "cache"),
+            cfg.train.precision,
+        )
+        report = {"pneumo": run_isolated("pneumo", settings), "typical": run_isolated("typical", settings)}
+    report["ratio"] = {k: report["pneumo"][k] / report["typical"][k] for k, _ in RATES}
+    report["limits"] = limits(report, build_model(cfg.model), size, device, args.cpu_ghz)
+    report["device"] = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     )
-    print(f"{'images/s':<12} {'pneumo':>10} {'typical':>10} {'ratio':>7}")
-    for key, name in (
-        ("train_images_per_s", "train"),
-        ("load_images_per_s", "load"),
-        ("infer_images_per_s", "inference"),
-    ):
-        print(f"{name:<12} {pneumo[key]:10.1f} {typical[key]:10.1f} {report['ratio'][key]:7.2f}")
-    print(f"pneumo spent {100 * pneumo['data_wait_fraction']:.1f}% of its training time preparing batches")
+    report["settings"] = {**asdict(settings), "data": args.data or "synthetic JPEG", "torch": torch.__version__}
+    print_report(report, size, args.batch)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def print_report(report: dict, size: int, batch: int) -> None:
+    p, lim = report["pneumo"], report["limits"]
+    print(
+        f"{report['device']}, {p['images']} images at {size}x{size}, batch {batch}, pneumo trains in {p['train_dtype']}"
+    )
+    print(f"{'images/s':<12} {'pneumo':>10} {'typical':>10} {'ratio':>7}")
+    for key, name in RATES:
+        print(f"{name:<12} {p[key]:10.1f} {report['typical'][key]:10.1f} {report['ratio'][key]:7.2f}")
+    print(f"pneumo spent {100 * p['data_wait_fraction']:.1f}% of its training time preparing batches")
+    print(
+        f"FLOPs per image: {lim['train_gflops_per_image']:.2f} G training, "
+        f"{lim['infer_gflops_per_image']:.2f} G inference"
+    )
+    if "peak" in lim:
+        print(
+            f"share of peak ({lim['peak_gflops_per_s']:.0f} GFLOP/s, {lim['peak']}): training "
+            f"{100 * lim['train_share_of_peak']:.0f}% (typical {100 * lim['typical_train_share_of_peak']:.0f}%), "
+            f"inference {100 * lim['infer_share_of_peak']:.0f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ def test_pipeline_benchmark_reports_both_pipelines(tmp_path):
     assert report["pneumo"]["images"] == report["typical"]["images"] == 64
     assert all(report["ratio"][k] > 0 for k in keys)
     assert 0 <= report["pneumo"]["data_wait_fraction"] < 1
-    assert report["device"].startswith("cpu") and report["settings"]["image_size"] == 32
+    limits = report["limits"]
+    assert limits["train_gflops_per_image"] == 3 * limits["infer_gflops_per_image"] > 0
+    assert 0 < limits["train_share_of_peak"] and "float32 lanes" in limits["peak"]
+    assert report["device"].startswith("cpu") and report["settings"]["size"] == 32
     assert "train" in result.stdout and "ratio" in result.stdout
 
 

@@ -1,16 +1,25 @@
-"""Throughput of pneumo's data path against a typical PyTorch pipeline, on the same images and model.
+"""Throughput of pneumo against a typical PyTorch pipeline, on the same images and model, and against
+the machine's own limit.
 
 typical: torchvision ImageFolder, PIL decoding and per-item transforms in DataLoader workers, NCHW,
 float32, as most public pneumonia repositories write it. pneumo: images decoded once into the
-preprocessing cache, held as a uint8 tensor (on the GPU when there is one), augmented a batch at a
-time, channels_last, bf16 autocast on CUDA.
+preprocessing cache and held as a uint8 tensor (on the GPU when there is one), augmented a batch at
+a time, channels_last, its allocator tuned (as its command lines do), bf16 where the hardware has it,
+BatchNorm folded into the convolutions for inference.
+
+Each pipeline runs in a process of its own (`python -m pneumo.benchmark {pneumo,typical} SETTINGS`),
+so that neither inherits the other's allocator, threads or caches.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
+import platform
+import re
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,30 +29,34 @@ from torch import nn
 from pneumo.config import AugmentConfig, ModelConfig
 from pneumo.data.cache import cached_decode
 from pneumo.data.folder import list_split
-from pneumo.device import prepare, training_dtype
+from pneumo.device import cpu_has_amx, prepare, resolve_device, training_dtype
 from pneumo.engine import Optimization, TrainingData, predict, train_one_epoch
 from pneumo.models import build_model
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@dataclass
+class Settings:
+    root: str  # a Kermany-style folder; its train split is used
+    size: int
+    channels: list[int]
+    stem_stride: int
+    device: str
+    batch: int
+    workers: int  # DataLoader workers of the typical pipeline
+    cache_dir: str
+    precision: str = "auto"
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(channels=self.channels, stem_stride=self.stem_stride)
 
 
-def bench_pneumo(
-    root: Path,
-    size: int,
-    model_cfg: ModelConfig,
-    device: torch.device,
-    batch: int,
-    cache_dir: Path,
-    precision: str = "auto",
-) -> dict:
-    paths, labels = list_split(root, "train")
-    cached_decode(paths, size, 10**8, False, cache_dir)  # the first run's decode, not timed here
+def bench_pneumo(s: Settings) -> dict:
+    device = resolve_device(s.device)
+    paths, labels = list_split(s.root, "train")
+    cached_decode(paths, s.size, 10**8, False, s.cache_dir)  # the first run's decode, not timed here
     start = time.perf_counter()
-    images, _ = cached_decode(paths, size, 10**8, False, cache_dir)
-    images = torch.from_numpy(np.array(images))  # out of the read-only memory map, into RAM (timed: that is the load)
+    images, _ = cached_decode(paths, s.size, 10**8, False, s.cache_dir)
+    images = torch.from_numpy(np.array(images))  # out of the memory map into RAM: timed, that is the load
     y = torch.from_numpy(labels)
     if device.type == "cuda":
         images, y = images.to(device), y.to(device)
@@ -51,25 +64,18 @@ def bench_pneumo(
     load_s = time.perf_counter() - start
 
     torch.manual_seed(0)
-    model = prepare(build_model(model_cfg), device)
+    model = prepare(build_model(s.model_config()), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    dtype = training_dtype(precision, device)
-    opt = Optimization(
-        model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), nn.BCEWithLogitsLoss(), dtype
-    )
-    data = TrainingData(images, y, batch, AugmentConfig(), torch.Generator().manual_seed(0), device)
+    dtype = training_dtype(s.precision, device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    opt = Optimization(model, optimizer, schedule, nn.BCEWithLogitsLoss(), dtype)
+    data = TrainingData(images, y, s.batch, AugmentConfig(), torch.Generator().manual_seed(0), device)
     train_one_epoch(opt, data, "benchmark: pneumo")  # warm-up: allocator, cuDNN autotuning
-    _sync(device)
-    start = time.perf_counter()
-    _, data_s = train_one_epoch(opt, data, "benchmark: pneumo")
-    _sync(device)
-    train_s = time.perf_counter() - start
+    train_s, data_s = _timed(device, lambda: train_one_epoch(opt, data, "benchmark: pneumo")[1])
 
-    predict(model, images, 128, device)
-    start = time.perf_counter()
-    predict(model, images, 128, device)
-    _sync(device)
-    infer_s = time.perf_counter() - start
+    inference = prepare(model.eval().folded(), device)
+    predict(inference, images, 64, device)
+    infer_s, _ = _timed(device, lambda: predict(inference, images, 64, device))
     n = len(paths)
     return {
         "train_images_per_s": n / train_s,
@@ -78,6 +84,49 @@ def bench_pneumo(
         "data_wait_fraction": data_s / train_s,
         "images": n,
         "train_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def bench_typical(s: Settings) -> dict:
+    device = resolve_device(s.device)
+    train_set, eval_set = _typical_datasets(Path(s.root), s.size)
+
+    def loader(ds, shuffle):
+        return torch.utils.data.DataLoader(
+            ds, batch_size=s.batch, shuffle=shuffle, num_workers=s.workers, pin_memory=device.type == "cuda"
+        )
+
+    n = len(train_set)
+    load_s, _ = _timed(device, lambda: [None for _ in loader(train_set, True)])
+    torch.manual_seed(0)
+    model = build_model(s.model_config()).to(device)  # the same network, NCHW, float32
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def epoch():
+        model.train()
+        for x, y in loader(train_set, True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    epoch()
+    train_s, _ = _timed(device, epoch)
+    model.eval()
+
+    def infer():
+        with torch.no_grad():
+            for x, _ in loader(eval_set, False):
+                torch.sigmoid(model(x.to(device, non_blocking=True))).cpu()
+
+    infer_s, _ = _timed(device, infer)
+    return {
+        "train_images_per_s": n / train_s,
+        "load_images_per_s": n / load_s,
+        "infer_images_per_s": n / infer_s,
+        "images": n,
     }
 
 
@@ -101,63 +150,113 @@ def _typical_datasets(root: Path, size: int):
     )
 
 
-def bench_typical(
-    root: Path, size: int, model_cfg: ModelConfig, device: torch.device, batch: int, workers: int
-) -> dict:
-    train_set, eval_set = _typical_datasets(root, size)
-    pin = device.type == "cuda"
+def _timed(device: torch.device, work) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    result = work()
+    _sync(device)
+    return time.perf_counter() - start, result
 
-    def loader(ds, shuffle):
-        return torch.utils.data.DataLoader(
-            ds, batch_size=batch, shuffle=shuffle, num_workers=workers, pin_memory=pin, persistent_workers=False
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Peak:
+    """The arithmetic peak of this machine's CPU cores: cores x SIMD lanes x FMA units x 2 x clock."""
+
+    cpu: str
+    cores: int
+    fp32_lanes: int
+    fma_units: int
+    ghz: float
+    clock_source: str
+    amx: bool
+
+    @property
+    def fp32_gflops(self) -> float:
+        return self.cores * self.fp32_lanes * self.fma_units * 2 * self.ghz
+
+    @property
+    def bf16_amx_gflops(self) -> float | None:
+        # An AMX tile unit does 1024 bf16 multiply-adds per cycle per core (Intel's figure for Sapphire Rapids).
+        return self.cores * 1024 * 2 * self.ghz if self.amx else None
+
+    def assumptions(self) -> str:
+        return (
+            f"{self.cores} cores x {self.fp32_lanes} float32 lanes x {self.fma_units} FMA units x 2 x "
+            f"{self.ghz:.2f} GHz "
+            f"({self.clock_source})"
         )
 
-    n = len(train_set)
-    start = time.perf_counter()
-    for _ in loader(train_set, True):
+
+def cpu_peak() -> Peak:
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    vendor, family, model = info.get("vendor_id", ""), int(info.get("cpu family", 0)), int(info.get("model", 0))
+    # AMD's first Zen cores split each 256-bit FMA into two 128-bit halves: one 256-bit FMA per cycle.
+    fma = 1 if vendor == "AuthenticAMD" and family == 0x17 and model < 0x30 else 2
+    ghz, source = _clock_ghz(info)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(cores, torch.get_num_threads())
+    name = info.get("model name", platform.processor() or "unknown CPU")
+    return Peak(name, cores, lanes, fma, ghz, source, cpu_has_amx())
+
+
+def _cpuinfo() -> dict:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    first = text.split("\n\n")[0]
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+
+
+def _clock_ghz(info: dict) -> tuple[float, str]:
+    try:
+        khz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text())
+        return khz / 1e6, "maximum clock from cpufreq"
+    except (OSError, ValueError):
         pass
-    load_s = time.perf_counter() - start
-
-    torch.manual_seed(0)
-    model = build_model(model_cfg).to(device)  # the same network, NCHW, float32
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def epoch():
-        model.train()
-        for x, y in loader(train_set, True):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
-            loss = loss_fn(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    epoch()
-    _sync(device)
-    start = time.perf_counter()
-    epoch()
-    _sync(device)
-    train_s = time.perf_counter() - start
-
-    model.eval()
-    start = time.perf_counter()
-    with torch.no_grad():
-        for x, _ in loader(eval_set, False):
-            torch.sigmoid(model(x.to(device, non_blocking=True))).cpu()
-    _sync(device)
-    infer_s = time.perf_counter() - start
-    return {
-        "train_images_per_s": n / train_s,
-        "load_images_per_s": n / load_s,
-        "infer_images_per_s": n / infer_s,
-        "images": n,
-    }
+    match = re.search(r"@ ([0-9.]+)GHz", info.get("model name", ""))
+    if match:
+        return float(match.group(1)), "nominal clock from the model name; turbo may exceed it"
+    mhz = float(info.get("cpu MHz", 0) or 0)
+    return mhz / 1000, "clock /proc/cpuinfo reports (no cpufreq here, as in most VMs); turbo may exceed it"
 
 
-def peak_bf16_tflops(device: torch.device) -> float | None:
-    """Dense bf16 tensor-core peak of known GPUs, for the utilization figure."""
-    if device.type != "cuda":
-        return None
+def main(argv: list[str]) -> int:
+    """python -m pneumo.benchmark {pneumo,typical} SETTINGS_JSON: one pipeline, its results as JSON."""
+    which, settings = argv[0], Settings(**json.loads(argv[1]))
+    if which == "pneumo":
+        from pneumo.process import tune_allocator
+
+        tune_allocator()
+    result = (bench_pneumo if which == "pneumo" else bench_typical)(settings)
+    print(json.dumps(result))
+    return 0
+
+
+def run_isolated(which: str, settings: Settings) -> dict:
+    """One pipeline's benchmark in a fresh process."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pneumo.benchmark", which, json.dumps(asdict(settings))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {which} benchmark failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak of known GPUs."""
     name = torch.cuda.get_device_name(device)
     for key, tflops in (
         ("H200", 989.0),
@@ -172,18 +271,9 @@ def peak_bf16_tflops(device: torch.device) -> float | None:
     return None
 
 
-def model_flops_per_image(model_cfg: ModelConfig, size: int) -> float:
-    """Training FLOPs per image: 3x the forward multiply-adds of the convolutions and the linear "
-    "layer, x2 FLOPs each."""
-    macs, c_in, hw = 0, 1, size
-    for i, c in enumerate(model_cfg.channels):
-        hw = math.ceil(hw / (model_cfg.stem_stride if i == 0 else 1))
-        macs += hw * hw * c * c_in * 9
-        hw //= 2
-        c_in = c
-    macs += c_in
-    return 3 * 2 * macs
-
-
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
