@@ -32,7 +32,9 @@ def assemble(cfg: Config, member_checkpoints: list[Path], val: Split, device: to
         epoch=members[0].epoch if len(members) == 1 else [m.epoch for m in members],
         provenance=provenance(cfg),
     )
-    raw = logits(prepare(model.network(), device), torch.from_numpy(val.images), cfg.train.eval_batch_size, device)
+    raw = logits(
+        prepare(model.network().folded(), device), torch.from_numpy(val.images), cfg.train.eval_batch_size, device
+    )
     model.calibration = calibration.fit(raw, val.labels, cfg.train.calibration)
     probs = calibration.probabilities(raw, model.calibration)
     model.threshold = choose_threshold(val.labels, probs, cfg.train.threshold, cfg.train.fixed_threshold)

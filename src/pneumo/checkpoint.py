@@ -83,7 +83,8 @@ class TrainedModel:
         return model
 
     def network(self) -> Classifier:
-        """The torch module that maps images (N, 1, H, W) in [0, 1] to calibrated logits, in eval mode."""
+        """The torch module that maps images (N, 1, H, W) in [0, 1] to calibrated logits, in eval mode.
+        For inference, `.folded()` of it gives the same logits faster (see SmallCNN.folded)."""
         members = []
         for state in self.members:
             member = build_model(self.config.model)

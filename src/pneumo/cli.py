@@ -199,10 +199,10 @@ def _calibrate(args) -> None:
         raise PneumoError(f"--out {args.out} is the input checkpoint: write the calibrated model to a new file")
     sample = load_sample(args.labelled, model.config.data.image_size, model.config.data.max_pixels)
     result = calibrate(model, sample, args.method, args.bootstrap, args.seed)
-    for warning in result.warnings:
-        log.warning("%s", warning)
     save_checkpoint(args.out, result.model.payload())
     print(calibration_table(result, sample))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"pneumo-calibrate: wrote {args.out} (threshold {result.model.threshold:.4f}); {model.path} is unchanged")
 
 

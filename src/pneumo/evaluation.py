@@ -85,7 +85,7 @@ def score(model: TrainedModel, images: np.ndarray, backend: str = "torch") -> np
     if backend == "numpy":
         return predict_numpy(numpy_classifier(model), images, batch)
     device = resolve_device(model.config.device)
-    return predict(prepare(model.network(), device), torch.from_numpy(images), batch, device)
+    return predict(prepare(model.network().folded(), device), torch.from_numpy(images), batch, device)
 
 
 def _write(out_dir: Path, metrics: dict, data: Split, probs: np.ndarray, threshold: float) -> None:

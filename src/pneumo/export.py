@@ -25,7 +25,7 @@ TOLERANCE = 1e-5
 
 def export(trained: TrainedModel, fmt: str, out: str | Path) -> float:
     """Write the export to `out` and return the largest difference from the checkpoint's logits."""
-    model = trained.network()
+    model = trained.network().folded()
     size = trained.config.data.image_size
     meta = {
         "format": "pneumo-export/1",

@@ -57,7 +57,7 @@ class InferenceModel:
         model = TrainedModel.load(path)
         data = model.config.data
         return cls(
-            model.network(),
+            model.network().folded(),
             data.image_size,
             model.threshold,
             data.max_pixels,

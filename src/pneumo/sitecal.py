@@ -121,7 +121,7 @@ def calibrate(
 def sample_logits(model: TrainedModel, sample: Sample) -> np.ndarray:
     """The model's current (calibrated) logits for the sample's images."""
     device = resolve_device(model.config.device)
-    network = prepare(model.network(), device)
+    network = prepare(model.network().folded(), device)
     return logits(
         network, torch.from_numpy(sample.images), model.config.train.eval_batch_size, device, "scoring the sample"
     )
