@@ -96,3 +96,25 @@ def test_a_missing_bundled_model_is_a_clean_error(tmp_path, monkeypatch, capsys)
     assert predict_main([str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
     err = capsys.readouterr().err
     assert "no --checkpoint given" in err and "Traceback" not in err
+
+
+def front_matter() -> dict:
+    import yaml
+
+    text = CARD.read_text()
+    assert text.startswith("---\n"), "the model card opens with YAML front matter"
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_the_cards_front_matter_equals_the_checkpoints_own_metrics():
+    meta = front_matter()
+    model = TrainedModel.load(MODEL)
+    assert meta["license"] and meta["datasets"] and meta["pneumo"]["model_id"] == model.model_id
+    assert meta["pneumo"]["intended_use"] and meta["pipeline_tag"] == "image-classification"
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "validation"
+    stated = {m["type"]: m["value"] for m in result["metrics"]}
+    assert set(stated) >= {"roc_auc", "accuracy", "sensitivity", "specificity", "f1", "ece"}
+    for key, value in stated.items():
+        assert value == round(model.val_metrics["auc" if key == "roc_auc" else key], 4), key
+    assert meta["pneumo"]["threshold"] == round(model.threshold, 4)

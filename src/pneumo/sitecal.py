@@ -95,8 +95,7 @@ def calibrate(
 ) -> Result:
     """Refit the model's calibration and threshold on `sample`; the input model is left as it was."""
     z = sample_logits(model, sample)
-    site = calibration.fit(z, sample.labels, method, prior=PRIOR)
-    threshold = equal_odds_threshold(sample.labels)
+    site, threshold = fit_site(z, sample.labels, method)
     after_probs = calibration.probabilities(z, site)
     calibrated = replace(
         model,
@@ -116,6 +115,54 @@ def calibrate(
         after_cross_validated=report.metrics(_cross_validated(z, sample, method), threshold),
         warnings=_warnings(sample),
     )
+
+
+def fit_site(z: np.ndarray, labels: np.ndarray, method: str = "platt") -> tuple[calibration.Calibration, float]:
+    """The site's calibration of the logits `z` and its decision threshold (in probability)."""
+    return calibration.fit(z, labels, method, prior=PRIOR), equal_odds_threshold(labels)
+
+
+def simulate(z: np.ndarray, labels: np.ndarray, patients: list[str], draws: int = 200, per_class: int = 20) -> dict:
+    """What calibrating on a sample of `per_class` images of each class (whole patients) and scoring
+    the site's other images would give, over `draws` random samples: the accuracy of each draw, and
+    the accuracy without calibration at the model's own threshold of 0.5 in its current logits."""
+    rng = np.random.default_rng(0)
+    patients = np.asarray(patients)
+    accuracies, sens, spec = [], [], []
+    for _ in range(draws):
+        chosen = _draw_patients(rng, labels, patients, per_class)
+        held = np.isin(patients, patients[chosen])
+        site, threshold = fit_site(z[chosen], labels[chosen])
+        m = binary_metrics(labels[~held], calibration.probabilities(z[~held], site), threshold)
+        accuracies.append(m["accuracy"])
+        sens.append(m["sensitivity"])
+        spec.append(m["specificity"])
+    a = np.array(accuracies)
+    return {
+        "draws": draws,
+        "per_class": per_class,
+        "accuracy_mean": float(a.mean()),
+        "accuracy_min": float(a.min()),
+        "accuracy_p05": float(np.quantile(a, 0.05)),
+        "sensitivity_mean": float(np.mean(sens)),
+        "specificity_mean": float(np.mean(spec)),
+    }
+
+
+def _draw_patients(rng: np.random.Generator, labels: np.ndarray, patients: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of `per_class` images of each class, taken patient by patient in a random order (a
+    patient whose images would overshoot the count is passed over)."""
+    chosen: list[int] = []
+    for label in (0, 1):
+        taken = 0
+        for p in rng.permutation(np.unique(patients[labels == label])):
+            idx = np.flatnonzero((patients == p) & (labels == label))
+            if taken + len(idx) <= per_class:
+                chosen += idx.tolist()
+                taken += len(idx)
+            if taken == per_class:
+                break
+    return np.array(chosen)
 
 
 def sample_logits(model: TrainedModel, sample: Sample) -> np.ndarray:
@@ -142,8 +189,8 @@ def _cross_validated(z: np.ndarray, sample: Sample, method: str) -> np.ndarray:
     out = np.empty(len(z))
     for p in np.unique(patients):
         held, rest = patients == p, patients != p
-        site = calibration.fit(z[rest], sample.labels[rest], method, prior=PRIOR)
-        fold_threshold = calibration.logit(equal_odds_threshold(sample.labels[rest]))
+        site, fold = fit_site(z[rest], sample.labels[rest], method)
+        fold_threshold = calibration.logit(fold)
         out[held] = site.apply(z[held]) - fold_threshold + target
     return calibration.probabilities(out, calibration.Calibration())
 
