@@ -14,11 +14,13 @@ import torch
 
 from pneumo import calibration
 from pneumo.checkpoint import TrainedModel, provenance
-from pneumo.config import Config
+from pneumo.config import Config, to_dict
 from pneumo.data import Split
 from pneumo.device import prepare
 from pneumo.engine import logits
+from pneumo.errors import PneumoError
 from pneumo.metrics import binary_metrics, calibration_metrics, choose_threshold, operating_points
+from pneumo.rundir import config_changes
 
 
 def assemble(cfg: Config, member_checkpoints: list[Path], val: Split, device: torch.device) -> TrainedModel:
@@ -55,3 +57,40 @@ def cross_validated_ece(raw: np.ndarray, labels: np.ndarray, method: str, folds:
         fitted = calibration.fit(raw[rest], labels[rest], method)
         probs[held] = calibration.probabilities(raw[held], fitted)
     return calibration_metrics(labels, probs)["ece"]
+
+
+# What may differ between an ensemble's config and a member trained apart from it.
+MEMBER_KEYS = {
+    "seed",
+    "train.members",
+    "output.dir",
+    "output.tensorboard",
+    "data.root",
+    "data.cache_dir",
+    "data.workers",
+    "device",
+    "train.eval_batch_size",
+    "train.compile",
+    "train.calibration",
+    "train.threshold",
+    "train.fixed_threshold",
+    "model.tta",
+}
+
+
+def check_members(cfg: Config, checkpoints: list[Path]) -> None:
+    """Each checkpoint must be a member `cfg` would have trained: the same recipe, another seed."""
+    if len(checkpoints) != cfg.train.members:
+        raise PneumoError(f"the config asks for train.members: {cfg.train.members}, and {len(checkpoints)} were given")
+    seeds = []
+    for path in checkpoints:
+        member = TrainedModel.load(path)
+        changed = config_changes(cfg, to_dict(member.config), MEMBER_KEYS)
+        if changed:
+            raise PneumoError(f"{path} was trained with another recipe than the ensemble's (at {', '.join(changed)})")
+        seeds.append(member.config.seed)
+    if sorted(seeds) != list(range(cfg.seed, cfg.seed + cfg.train.members)):
+        raise PneumoError(
+            f"the members' seeds are {sorted(seeds)}; the config's ensemble is seeds {cfg.seed} to "
+            f"{cfg.seed + cfg.train.members - 1}"
+        )
