@@ -87,3 +87,18 @@ def test_export_failures_leave_nothing(tmp_path, checkpoint, monkeypatch, capsys
     with pytest.raises(PneumoError, match="differs from the checkpoint"):
         export(TrainedModel.load(checkpoint), "torchscript", tmp_path / "o.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+def test_an_ensemble_with_mirror_averaging_exports_whole(tmp_path, tiny_config):
+    from pneumo.calibration import Calibration
+    from pneumo.checkpoint import save_checkpoint
+    from pneumo.models import build_model
+
+    cfg = tiny_config(model={"tta": True})
+    torch.manual_seed(0)
+    members = [build_model(cfg.model).state_dict() for _ in range(3)]
+    trained = TrainedModel(cfg, members, 0.5, "fixed", calibration=Calibration("platt", 0.8, 0.2))
+    save_checkpoint(tmp_path / "ens.pt", trained.payload())
+    assert export(TrainedModel.load(tmp_path / "ens.pt"), "torchscript", tmp_path / "ens.ts") <= 1e-5
+    pytest.importorskip("onnxruntime")
+    assert export(TrainedModel.load(tmp_path / "ens.pt"), "onnx", tmp_path / "ens.onnx") <= 1e-5
