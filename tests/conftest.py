@@ -68,6 +68,21 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> tuple[Path, dict]:
+    """(best.pt, the best epoch's figures) of a model trained long enough to learn the synthetic task."""
+    from pneumo.training import train
+
+    out = tmp_path_factory.mktemp("learned") / "run"
+    raw = tiny_raw(
+        out,
+        data={"image_size": 64, "synthetic": {"n_train": 600, "n_val": 200, "n_test": 16}},
+        model={"channels": [16, 32, 64], "stem_stride": 1},
+        train={"epochs": 6, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0.5},
+    )
+    return out / "best.pt", train(from_dict(raw))
+
+
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -6,14 +6,18 @@ import json
 import re
 import tomllib
 
+import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import KERMANY224, ROOT, needs_shared
+from conftest import FULLRES, KERMANY224, ROOT, needs_shared
 from pneumo import checkpoint as checkpoint_module
 from pneumo.checkpoint import BUNDLED_MODEL, TrainedModel, bundled_checkpoint
 from pneumo.cli import evaluate_main, export_main, predict_main
 from pneumo.config import load_config
+from pneumo.data.images import decode_all
+from pneumo.engine import logits
 from pneumo.export import load_torchscript
 from pneumo.fileio import file_sha256
 
@@ -83,6 +87,26 @@ def test_predict_without_checkpoint_scores_real_xrays(tmp_path):
     # The 16 official validation images, never used in training or selection (see the model card).
     assert roc_auc_score(labels, probs) > 0.95
     assert all(r["label"] == "PNEUMONIA" for r, y in zip(rows, labels, strict=True) if y)
+
+
+@needs_shared
+def test_dct_downscaling_leaves_the_probabilities_where_a_full_decode_puts_them(monkeypatch):
+    """The 100 original-size JPEGs scored by the bundled model, decoded as pneumo-predict does (reduced
+    in the DCT domain while decoding) and in full."""
+    files = [str(f) for f in sorted((FULLRES / "train").glob("*/*.jpeg"))]
+    model = TrainedModel.load(MODEL)
+    network = model.network().folded().eval()
+
+    def probabilities():
+        images, bad = decode_all(files, model.config.data.image_size, 10**8, skip_bad=False)
+        return 1 / (1 + np.exp(-logits(network, torch.from_numpy(images), 50, torch.device("cpu"))))
+
+    reduced = probabilities()
+    monkeypatch.setattr("pneumo.data.images.DRAFT_MARGIN", 10**6)  # never reduce: the full decode
+    full = probabilities()
+    assert len(files) == 100 and np.abs(reduced - full).max() < 0.01, np.abs(reduced - full).max()
+    labels = np.array(["/PNEUMONIA/" in f for f in files])
+    assert ((full >= model.threshold) == labels).mean() > 0.9  # training images: a sanity check, not a score
 
 
 def test_export_without_checkpoint_exports_the_bundled_model(tmp_path):

@@ -172,32 +172,11 @@ def test_missing_split_and_one_class_fail_cleanly(tmp_path):
     (one_class / "PNEUMONIA").mkdir()
     for f in sorted((KERMANY224 / "val" / "PNEUMONIA").iterdir())[:3]:
         (one_class / "PNEUMONIA" / f.name).write_bytes(f.read_bytes())
-    result = call(
-        evaluate_main,
-        "--checkpoint",
-        ckpt,
-        "--set",
-        "data.format=folder",
-        "--set",
-        f"data.root={tmp_path / 'one'}",
-        "--out",
-        str(tmp_path / "e"),
-    )
-    assert_clean_failure(result, "holds only PNEUMONIA images")
+    evaluate_one = ("--checkpoint", ckpt, "--set", "data.format=folder", "--set", f"data.root={tmp_path / 'one'}")
+    assert_clean_failure(call(evaluate_main, *evaluate_one, "--out", tmp_path / "e"), "holds only PNEUMONIA images")
     (one_class / "PNEUMONIA").rename(tmp_path / "moved")
     (one_class / "PNEUMONIA").mkdir()
-    result = call(
-        evaluate_main,
-        "--checkpoint",
-        ckpt,
-        "--set",
-        "data.format=folder",
-        "--set",
-        f"data.root={tmp_path / 'one'}",
-        "--out",
-        str(tmp_path / "e"),
-    )
-    assert_clean_failure(result, "holds no images")
+    assert_clean_failure(call(evaluate_main, *evaluate_one, "--out", tmp_path / "e"), "holds no images")
     assert not (tmp_path / "e").exists()
 
 

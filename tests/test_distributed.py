@@ -1,17 +1,16 @@
 """torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
 
-import json
 import subprocess
 import sys
 
 import yaml
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, history, tiny_raw
 from pneumo.config import from_dict
 from pneumo.training import train
 
 # BatchNorm statistics are per process on CPUs (torch's SyncBatchNorm is GPU-only), so the two runs
-# differ slightly: measured 0.0007 to 0.003 in train loss per epoch when written.
+# differ slightly; the tolerance is several times that difference and far below a real mismatch.
 LOSS_TOLERANCE = 0.02
 
 
@@ -36,10 +35,6 @@ def torchrun(*args, nproc=2):
         line for line in result.stderr.splitlines() if line.startswith("[rank") or "Error" in line
     )[-4000:]
     return result
-
-
-def history(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

@@ -1,26 +1,14 @@
 import numpy as np
 import pytest
 
-from conftest import tiny_raw
 from pneumo.checkpoint import TrainedModel
-from pneumo.config import from_dict
 from pneumo.data.synthetic import make_split
 from pneumo.explain import grad_cam, most_confident_errors, save_overlay
-from pneumo.training import train
 
 
 @pytest.fixture(scope="module")
-def synthetic_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cam") / "run"
-    raw = tiny_raw(
-        out,
-        data={"image_size": 64, "synthetic": {"n_train": 600, "n_val": 200, "n_test": 16}},
-        model={"channels": [16, 32, 64], "stem_stride": 1},
-        train={"epochs": 6, "batch_size": 32, "lr": 3e-3},
-    )
-    best = train(from_dict(raw))
-    assert best["val_auc"] > 0.8
-    return TrainedModel.load(out / "best.pt").network()
+def synthetic_model(learned_run):
+    return TrainedModel.load(learned_run[0]).network()
 
 
 def test_heatmap_concentrates_on_a_planted_opacity(synthetic_model):

@@ -35,7 +35,10 @@ def test_scores_folders_files_and_csv_lists(tmp_path, checkpoint):
     paths = make_images(tmp_path / "imgs", 6)
     (tmp_path / "list.csv").write_text("path\n" + f"imgs/{paths[0].parent.name}/{paths[0].name}\n")
     (tmp_path / "imgs" / "notes.txt").write_text("ignored")
+    hidden = paths[0].parent / f"._{paths[0].name}"  # the resource fork macOS leaves beside a copied file
+    hidden.write_bytes(b"\0\5\26\7")
     assert len(find_images([str(tmp_path / "imgs"), str(paths[1]), str(tmp_path / "list.csv")])) == 6
+    assert str(hidden.resolve()) in find_images([str(hidden)])  # named on purpose: kept, and its row says why
     out = tmp_path / "scores.csv"
     assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 0
     rows = read(out)

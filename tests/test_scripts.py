@@ -82,3 +82,14 @@ def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path, traine
         and "Traceback" not in bad.stderr
         and not bad.stdout
     )
+
+
+def test_step_profile_runs_each_variant(tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("data:\n  image_size: 32\nmodel:\n  channels: [8, 16]\n  stem_stride: 1\n")
+    for variant in ("pneumo", "bf16"):
+        args = ["--config", str(cfg), "--batch", "4", "--steps", "1", "--variant", variant, "--table", "3"]
+        result = run_script("profile_step.py", *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{variant}: ") and "images/s" in result.stdout
+        assert "Self CPU" in result.stdout  # the operator table

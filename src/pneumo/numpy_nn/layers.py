@@ -112,7 +112,7 @@ class Conv2d(Layer):
         windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::s, ::s]
         n, c, ho, wo = windows.shape[:4]
         # im2col with one column per output pixel, (C*kh*kw, N*Ho*Wo): the copy then runs along image
-        # rows, which measured 2.3x faster than one row per output pixel.
+        # rows in memory order, where one row per output pixel would gather scattered windows.
         self.cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * ho * wo)
         self.xp_shape, self.pad, self.out_hw = xp.shape, p, (ho, wo)
         out = w.reshape(out_c, -1) @ self.cols
