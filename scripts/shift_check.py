@@ -11,9 +11,6 @@ import json
 import sys
 from dataclasses import replace
 
-import numpy as np
-import torch
-
 from pneumo.cli import run_command
 
 
@@ -21,17 +18,13 @@ def report(args) -> None:
     from pneumo import calibration, shift
     from pneumo.checkpoint import TrainedModel, bundled_checkpoint
     from pneumo.data import load_split
-    from pneumo.device import prepare, resolve_device
-    from pneumo.engine import logits
     from pneumo.metrics import binary_metrics
     from pneumo.sitecal import simulate
 
     model = TrainedModel.load(args.checkpoint or bundled_checkpoint(), args.set)
-    device = resolve_device(model.config.device)
-    network = prepare(model.network().folded(), device)
 
     def score(images):
-        return logits(network, torch.from_numpy(np.ascontiguousarray(images)), 64, device, desc="scoring")
+        return model.logits(images, desc="scoring")
 
     val = load_split(model.config, "val")
     conditions = {"validation as is": score(val.images)}

@@ -8,7 +8,6 @@ import tomllib
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import FULLRES, KERMANY224, ROOT, needs_shared
@@ -17,7 +16,6 @@ from pneumo.checkpoint import BUNDLED_MODEL, TrainedModel, bundled_checkpoint
 from pneumo.cli import evaluate_main, export_main, predict_main
 from pneumo.config import load_config
 from pneumo.data.images import decode_all
-from pneumo.engine import logits
 from pneumo.export import load_torchscript
 from pneumo.fileio import file_sha256
 
@@ -97,11 +95,10 @@ def test_dct_downscaling_leaves_the_probabilities_where_a_full_decode_puts_them(
     in the DCT domain while decoding) and in full."""
     files = [str(f) for f in sorted((FULLRES / "train").glob("*/*.jpeg"))]
     model = TrainedModel.load(MODEL)
-    network = model.network().folded().eval()
 
     def probabilities():
-        images, bad = decode_all(files, model.config.data.image_size, 10**8, skip_bad=False)
-        return 1 / (1 + np.exp(-logits(network, torch.from_numpy(images), 50, torch.device("cpu"))))
+        images, _ = decode_all(files, model.config.data.image_size, 10**8, skip_bad=False)
+        return 1 / (1 + np.exp(-model.logits(images)))
 
     reduced = probabilities()
     monkeypatch.setattr("pneumo.data.images.DRAFT_MARGIN", 10**6)  # never reduce: the full decode

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_images, run_script
+from pneumo import predict as predict_module
 from pneumo.cli import predict_main
-from pneumo.predict import COLUMNS, find_images
+from pneumo.predict import COLUMNS, InferenceModel, decoded_batches, find_images
 
 
 @pytest.fixture
@@ -246,3 +247,21 @@ def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, mo
     )
     rows = read(tmp_path / "s.csv")
     assert [r["label"] for r in rows] == ["", "NORMAL"] and "no finite probability" in rows[0]["error"]
+
+
+def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatch):
+    """The progress bar (or log line) counts a batch when it is handed over to be scored, not earlier."""
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 6)]
+    pulled = []
+
+    def recording(items, total, desc, unit="it"):
+        for item in items:
+            pulled.append(len(item))
+            yield item
+
+    monkeypatch.setattr(predict_module, "progress", recording)
+    seen = []
+    for part, (images, errors) in decoded_batches(paths, 2, InferenceModel.load(checkpoint)):
+        seen.append(len(pulled))
+        assert len(images) == len(part) and not errors
+    assert seen == [1, 2, 3] and pulled == [2, 2, 2]

@@ -16,8 +16,6 @@ from pneumo import calibration
 from pneumo.checkpoint import TrainedModel, provenance
 from pneumo.config import Config, to_dict
 from pneumo.data import Split
-from pneumo.device import prepare
-from pneumo.engine import logits
 from pneumo.errors import PneumoError
 from pneumo.metrics import binary_metrics, calibration_metrics, choose_threshold, operating_points
 from pneumo.rundir import config_changes
@@ -34,9 +32,7 @@ def assemble(cfg: Config, member_checkpoints: list[Path], val: Split, device: to
         epoch=members[0].epoch if len(members) == 1 else [m.epoch for m in members],
         provenance=provenance(cfg),
     )
-    raw = logits(
-        prepare(model.network().folded(), device), torch.from_numpy(val.images), cfg.train.eval_batch_size, device
-    )
+    raw = model.logits(val.images, device)
     model.calibration = calibration.fit(raw, val.labels, cfg.train.calibration)
     probs = calibration.probabilities(raw, model.calibration)
     model.threshold = choose_threshold(val.labels, probs, cfg.train.threshold, cfg.train.fixed_threshold)

@@ -16,11 +16,14 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pneumo import __version__
 from pneumo.calibration import Calibration
 from pneumo.config import Config, apply_override, config_hash, from_dict, to_dict
+from pneumo.device import prepare, resolve_device
+from pneumo.engine import logits
 from pneumo.errors import CheckpointError, ConfigError, PneumoError
 from pneumo.fileio import atomic_write, file_sha256
 from pneumo.models import Classifier, build_model
@@ -97,6 +100,15 @@ class TrainedModel:
             members.append(member)
         cal = self.calibration
         return Classifier(members, tta=self.config.model.tta, scale=cal.scale, bias=cal.bias).eval()
+
+    def logits(self, images: np.ndarray, device: torch.device | None = None, desc: str = "predicting") -> np.ndarray:
+        """The calibrated logits (float64) for uint8 images (N, H, W), by the folded network on `device`
+        (default: the config's), in batches of train.eval_batch_size."""
+        device = device or resolve_device(self.config.device)
+        network = prepare(self.network().folded(), device)
+        return logits(
+            network, torch.from_numpy(np.ascontiguousarray(images)), self.config.train.eval_batch_size, device, desc
+        )
 
     def payload(self) -> dict:
         return {

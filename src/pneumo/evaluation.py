@@ -16,8 +16,6 @@ from pneumo.checkpoint import TrainedModel
 from pneumo.config import config_hash
 from pneumo.data import Split, bad_image_report, load_split
 from pneumo.data.images import load_image
-from pneumo.device import prepare, resolve_device
-from pneumo.engine import predict
 from pneumo.explain import grad_cam, most_confident_errors, save_overlay
 from pneumo.fileio import atomic_write_text
 from pneumo.labels import class_name
@@ -84,8 +82,7 @@ def score(model: TrainedModel, images: np.ndarray, backend: str = "torch") -> np
     batch = model.config.train.eval_batch_size
     if backend == "numpy":
         return predict_numpy(numpy_classifier(model), images, batch)
-    device = resolve_device(model.config.device)
-    return predict(prepare(model.network().folded(), device), torch.from_numpy(images), batch, device)
+    return torch.sigmoid(torch.from_numpy(model.logits(images))).numpy()
 
 
 def _write(out_dir: Path, metrics: dict, data: Split, probs: np.ndarray, threshold: float) -> None:

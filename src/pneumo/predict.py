@@ -34,7 +34,7 @@ from pneumo.export import is_torchscript, load_torchscript
 from pneumo.fileio import FileLock, file_sha256
 from pneumo.labels import NORMAL, PNEUMONIA
 from pneumo.logs import log
-from pneumo.progress import batches
+from pneumo.progress import progress
 
 COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config"]
 
@@ -165,11 +165,11 @@ class PredictOptions:
 def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
     """(paths, (images, errors)) a batch at a time, with progress. The next batch is decoded (on all
     cores) while the caller scores this one; at most two batches of images are in memory at once."""
-    parts = [paths[s] for s in batches(len(paths), batch_size, "predicting")]
+    parts = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as ahead:
-        upcoming = None
-        for i, part in enumerate(parts):
-            current = upcoming.result() if upcoming else _decode(part, model)
+        upcoming = ahead.submit(_decode, parts[0], model) if parts else None
+        for i, part in enumerate(progress(parts, len(parts), "predicting", unit="batch")):
+            current = upcoming.result()
             upcoming = ahead.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
             yield part, current
 

@@ -56,8 +56,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         run = RunDir(cfg.output.dir, ctx)
         with run.ensemble_session(cfg, fresh=not resume):
             members = [member_config(cfg, k) for k in range(cfg.train.members)]
-            for member in members:
-                log.info("ensemble member %d of %d (seed %d)", members.index(member) + 1, len(members), member.seed)
+            for k, member in enumerate(members, 1):
+                log.info("ensemble member %d of %d (seed %d)", k, len(members), member.seed)
                 train_member(member, resume and (Path(member.output.dir) / "last.pt").exists(), ctx, device)
             val = load_split(cfg, "val")
             return hand_over(cfg, run, [Path(m.output.dir) / "best.pt" for m in members], val, device)
