@@ -2,7 +2,7 @@
 """Training, loading and inference throughput: pneumo's pipeline against a typical PyTorch one, and
 against the machine's arithmetic peak.
 
-    python scripts/benchmark.py [--data ROOT] [--device cpu|cuda] [--quick] [--json FILE]
+    python scripts/benchmark.py [--data ROOT] [--device cpu|cuda] [--quick] [--repeats N] [--json FILE]
 
 Without --data it writes synthetic X-rays as JPEG files into a temporary Kermany-style folder, so
 both pipelines read the same files from disk. Each pipeline runs in a process of its own.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pneumo.benchmark import Settings, cpu_peak, default_workers, gpu_peak_tflops, run_isolated
+from pneumo.benchmark import Settings, cpu_peak, default_workers, gpu_peak_tflops, matmul_gflops, run_isolated
 from pneumo.config import load_config
 from pneumo.data.synthetic import write_folder
 from pneumo.device import resolve_device
@@ -27,7 +27,8 @@ RATES = (("train_images_per_s", "train"), ("load_images_per_s", "load"), ("infer
 
 
 def limits(report: dict, model, size: int, device: torch.device, cpu_ghz: float | None) -> dict:
-    """FLOPs per image and the achieved rates as a share of the hardware's peak."""
+    """FLOPs per image and the achieved rates as a share of the hardware's peak, and of what torch's dense
+    matrix product reaches on it."""
     train_flops, infer_flops = model.flops_per_image(size), model.flops_per_image(size, training=False)
     out = {"train_gflops_per_image": train_flops / 1e9, "infer_gflops_per_image": infer_flops / 1e9}
     achieved = {
@@ -48,6 +49,10 @@ def limits(report: dict, model, size: int, device: torch.device, cpu_ghz: float 
         )
         out["cpu"] = p.cpu
     out.update({f"{k}_gflops_per_s": v for k, v in achieved.items()})
+    dtype = getattr(torch, report["pneumo"]["train_dtype"])
+    matmul = out["matmul_gflops_per_s"] = matmul_gflops(device, dtype)
+    out["matmul"] = f"torch.mm of two 2048 x 2048 {report['pneumo']['train_dtype']} matrices"
+    out.update({f"{k}_share_of_matmul": v / matmul for k, v in achieved.items()})
     if peak:
         out.update({f"{k}_share_of_peak": v / peak for k, v in achieved.items()}, peak_gflops_per_s=peak, peak=what)
     return out
@@ -65,6 +70,11 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="256 synthetic images: a minute or two on 2 CPU cores")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed epochs per pipeline, median reported (default: 3 synthetic, 1 with --data)",
+    )
     parser.add_argument(
         "--cpu-ghz", type=float, help="the clock for the CPU's peak, if turbo runs above what it reports"
     )
@@ -86,6 +96,7 @@ def main() -> int:
             args.workers,
             str(Path(tmp) / "cache"),
             cfg.train.precision,
+            args.repeats or (1 if args.data else 3),
         )
         report = {"pneumo": run_isolated("pneumo", settings), "typical": run_isolated("typical", settings)}
     report["ratio"] = {k: report["pneumo"][k] / report["typical"][k] for k, _ in RATES}
@@ -112,6 +123,11 @@ def print_report(report: dict, size: int, batch: int) -> None:
     print(
         f"FLOPs per image: {lim['train_gflops_per_image']:.2f} G training, "
         f"{lim['infer_gflops_per_image']:.2f} G inference"
+    )
+    print(
+        f"share of what {lim['matmul']} reaches here ({lim['matmul_gflops_per_s']:.0f} GFLOP/s): training "
+        f"{100 * lim['train_share_of_matmul']:.0f}% (typical {100 * lim['typical_train_share_of_matmul']:.0f}%), "
+        f"inference {100 * lim['infer_share_of_matmul']:.0f}%"
     )
     if "peak" in lim:
         print(

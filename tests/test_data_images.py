@@ -133,7 +133,7 @@ def test_full_resolution_files_resize_like_the_224_copies(monkeypatch):
         np.asarray(Image.open(KERMANY224 / "train" / f.parent.name / f.name).convert("L"), dtype=float) for f in files
     ]
     reduced = [load_image(str(f), 224) for f in files]
-    monkeypatch.setattr("pneumo.data.images.DRAFT_MARGIN", 10**6)  # never reduce: the full decode
+    monkeypatch.setattr("pneumo.data.images._draft", lambda im, size: None)  # the full decode, colour as colour
     full = [load_image(str(f), 224) for f in files]
     assert len(files) == 100 and any(not np.array_equal(a, b) for a, b in zip(reduced, full, strict=True))
     for images in (reduced, full):
@@ -155,3 +155,17 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(BadImageError, match="not a regular file"):
         load_image(str(tmp_path / "pipe.png"), 16)
+
+
+def test_colour_jpegs_decode_straight_to_luma_like_a_grey_conversion(tmp_path, monkeypatch):
+    # The decoder's luma channel is what convert("L") computes from the decoded RGB, up to rounding:
+    # for files below and above the size at which the DCT-domain reduction starts.
+    rng = np.random.default_rng(0)
+    for side in (300, 900):
+        rgb = rng.integers(0, 256, (side // 30, side // 30, 3), dtype=np.uint8)
+        path = save(tmp_path / f"colour{side}.jpg", Image.fromarray(rgb).resize((side, side)), quality=90)
+        ours = load_image(path, 224).astype(float)
+        with monkeypatch.context() as m:
+            m.setattr("pneumo.data.images._draft", lambda im, size: None)
+            grey = load_image(path, 224).astype(float)
+        assert np.abs(ours - grey).mean() < 0.5 and np.abs(ours - grey).max() <= 2, side

@@ -70,3 +70,25 @@ def test_flops_per_image():
     macs = 112**2 * 32 * 9 + 56**2 * 64 * 32 * 9 + 28**2 * 128 * 64 * 9 + 14**2 * 256 * 128 * 9 + 256
     assert model.flops_per_image(224, training=False) == 2 * macs
     assert model.flops_per_image(224) == 6 * macs
+
+
+def test_pooling_without_autograd_gives_max_pool2ds_values_exactly():
+    from pneumo.models import _max_pool
+
+    pool = torch.nn.MaxPool2d(2)
+    for shape in ((2, 4, 8, 8), (2, 3, 7, 9)):  # odd sizes: the last row and column are dropped
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=torch.channels_last)
+        x[0, 0, 0, :2] = float("nan")  # propagated, as max_pool2d does
+        with torch.no_grad():
+            fast = _max_pool(pool, x)
+        expected = pool(x)
+        assert fast.shape == expected.shape and torch.equal(fast.isnan(), expected.isnan())
+        assert torch.equal(fast.nan_to_num(), expected.nan_to_num())
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+    # The whole network: scoring under inference_mode gives the logits of a forward with autograd.
+    model = SmallCNN([8, 16], stem_stride=2).eval()
+    x = torch.rand(3, 1, 30, 30)
+    with torch.inference_mode():
+        fast = model(x)
+    assert torch.equal(fast, model(x).detach())

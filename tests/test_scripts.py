@@ -64,7 +64,12 @@ def test_pipeline_benchmark_reports_both_pipelines(tmp_path):
     limits = report["limits"]
     assert limits["train_gflops_per_image"] == 3 * limits["infer_gflops_per_image"] > 0
     assert 0 < limits["train_share_of_peak"] and "float32 lanes" in limits["peak"]
+    # Measured against torch's own matrix product on this machine, in the dtype pneumo trained in.
+    assert limits["matmul_gflops_per_s"] > 0 and "float32" in limits["matmul"]
+    assert limits["train_share_of_matmul"] == limits["train_gflops_per_s"] / limits["matmul_gflops_per_s"]
+    assert "share of what torch.mm" in result.stdout
     assert report["device"].startswith("cpu") and report["settings"]["size"] == 32
+    assert report["settings"]["repeats"] == 3  # synthetic images: the median of three epochs
     assert "train" in result.stdout and "ratio" in result.stdout
 
 

@@ -24,7 +24,7 @@ from pneumo import __version__
 from pneumo.config import load_config, to_dict
 from pneumo.errors import PneumoError
 from pneumo.logs import log, logging_to, setup_logging
-from pneumo.process import Terminated, sigterm_raises, tune_allocator
+from pneumo.process import Terminated, idle_threads_sleep, sigterm_raises, tune_allocator
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD = 0, 1, 2, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -140,6 +140,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _predict(args) -> int:
     if args.batch_size < 1:
         raise PneumoError("--batch-size must be at least 1")
+    idle_threads_sleep()
     from pneumo.predict import InferenceModel, PredictOptions, Shard, run_predict
 
     options = PredictOptions(args.batch_size, args.device, Shard.parse(args.shard))

@@ -53,7 +53,8 @@ class TrainingData:
         for part in batches(len(order), self.batch_size, desc):
             batch = order[part]
             idx = batch[rows]
-            x = to_input(self.images[idx], self.device)
+            # index_select copies whole images; indexing with a tensor (images[idx]) goes element by element.
+            x = to_input(self.images.index_select(0, idx.to(self.images.device)), self.device)
             y = self.labels[idx].to(self.device, non_blocking=True).float()
             if self.augment.enabled:
                 x = augment(x, self.augment, self.generator, global_batch=len(batch), rows=rows)

@@ -13,6 +13,10 @@ from pneumo.config import ModelConfig
 INPUT_MEAN, INPUT_STD = 0.5, 0.25
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - INPUT_MEAN) / INPUT_STD
+
+
 class SmallCNN(nn.Module):
     """conv3x3-BN-ReLU-maxpool blocks, global average pooling, dropout, one linear logit.
 
@@ -35,12 +39,16 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - INPUT_MEAN) / INPUT_STD
+        return self.logit(normalize(x))
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit for an input already normalized (`normalize`): an ensemble normalizes once for all
+        its members."""
         for i in range(0, len(self.features), 4):
             conv, bn, relu, pool = self.features[i : i + 4]
             # Max-pooling before the ReLU gives the same numbers and the same gradients (the two commute),
             # with the ReLU on a quarter of the values.
-            x = relu(pool(bn(conv(x))))
+            x = relu(_max_pool(pool, bn(conv(x))))
         return self.head(x).squeeze(1)
 
     @torch.no_grad()
@@ -86,6 +94,19 @@ class SmallCNN(nn.Module):
         return (3 if training else 1) * 2 * macs
 
 
+def _max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """pool(x), which for 2x2 windows without autograd is the maximum over row pairs, then over column
+    pairs: the same values without writing the index of each maximum that max_pool2d keeps for a
+    backward pass, which takes half of its time on the largest activations."""
+    plain_2x2 = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (2, 2, 0, 1, False)
+    # Traced and compiled graphs (exports, torch.compile) keep the one standard operator.
+    if torch.is_grad_enabled() or not plain_2x2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return pool(x)
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # max_pool2d drops an odd last row or column
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 class Classifier(nn.Module):
     """What a trained model runs: the mean logit of its members (one network, or an ensemble), with
     `tta` also over each image's mirror image, mapped by its calibration, scale * logit + bias. The
@@ -108,9 +129,10 @@ class Classifier(nn.Module):
         return Classifier([m.folded() for m in self.members], self.tta, self.scale, self.bias).eval()
 
     def _mean_logit(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.members[0](x)
+        x = normalize(x)
+        logit = self.members[0].logit(x)
         for member in self.members[1:]:
-            logit = logit + member(x)
+            logit = logit + member.logit(x)
         return logit / len(self.members) if len(self.members) > 1 else logit
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -42,3 +43,17 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, for one): nothing to tune
         return False
+
+
+def idle_threads_sleep() -> bool:
+    """Make torch's idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set).
+
+    For a command that decodes images on every core while torch scores the previous batch on every
+    core: spinning threads take turns from the decoders, and a decoder that preempts a thread inside
+    a parallel region stalls all the others at its barrier. OpenMP reads the setting once, when torch
+    loads it, so this does something only before torch is imported (it reports whether it did).
+    """
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True

@@ -1,0 +1,30 @@
+import torch
+
+from pneumo.benchmark import AsWritten
+from pneumo.models import SmallCNN
+
+
+def test_the_typical_pipelines_network_computes_the_same_function():
+    model = SmallCNN([8, 16], stem_stride=2)
+    with torch.no_grad():
+        for bn in (model.features[1], model.features[5]):  # BatchNorms with non-trivial statistics and scales
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.weight.uniform_(-1, 1)
+    model.eval()
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(AsWritten(model)(x), model(x), atol=1e-6)
+    # The typical network runs its ReLU before its pooling, in its module order.
+    order = [type(m).__name__ for m in AsWritten(model).net.features[:4]]
+    assert order == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+
+
+def test_the_median_run_is_reported_with_its_own_result(monkeypatch):
+    import pneumo.benchmark as benchmark
+
+    runs = iter([(3.0, "slow"), (1.0, "fast"), (2.0, "middle")])
+    monkeypatch.setattr(benchmark, "_timed", lambda device, work: next(runs))
+    assert benchmark._median_timed(torch.device("cpu"), None, 3) == (2.0, "middle")
+    once = iter([(5.0, "only")])
+    monkeypatch.setattr(benchmark, "_timed", lambda device, work: next(once))
+    assert benchmark._median_timed(torch.device("cpu"), None, 1) == (5.0, "only")
