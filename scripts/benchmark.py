@@ -79,6 +79,8 @@ def main() -> int:
         "--cpu-ghz", type=float, help="the clock for the CPU's peak, if turbo runs above what it reports"
     )
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     cfg = load_config(args.config)
     size, device = cfg.data.image_size, resolve_device(args.device)
@@ -96,7 +98,7 @@ def main() -> int:
             args.workers,
             str(Path(tmp) / "cache"),
             cfg.train.precision,
-            args.repeats or (1 if args.data else 3),
+            args.repeats if args.repeats is not None else 1 if args.data else 3,
         )
         report = {"pneumo": run_isolated("pneumo", settings), "typical": run_isolated("typical", settings)}
     report["ratio"] = {k: report["pneumo"][k] / report["typical"][k] for k, _ in RATES}

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import FULLRES, KERMANY224, needs_shared
-from pneumo.data.images import decode_all, load_image
+from pneumo.data.images import _draft, decode_all, load_image
 from pneumo.errors import BadImageError
 
 
@@ -164,6 +164,9 @@ def test_colour_jpegs_decode_straight_to_luma_like_a_grey_conversion(tmp_path, m
     for side in (300, 900):
         rgb = rng.integers(0, 256, (side // 30, side // 30, 3), dtype=np.uint8)
         path = save(tmp_path / f"colour{side}.jpg", Image.fromarray(rgb).resize((side, side)), quality=90)
+        with Image.open(path) as im:
+            _draft(im, 224)
+            assert im.mode == "L"  # the decoder itself is asked for luma, before a pixel is decoded
         ours = load_image(path, 224).astype(float)
         with monkeypatch.context() as m:
             m.setattr("pneumo.data.images._draft", lambda im, size: None)

@@ -98,3 +98,11 @@ def test_step_profile_runs_each_variant(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"{variant}: ") and "images/s" in result.stdout
         assert "Self CPU" in result.stdout  # the operator table
+
+
+def test_pipeline_benchmark_refuses_fewer_than_one_repeat():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--repeats", "0"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--repeats must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr

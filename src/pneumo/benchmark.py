@@ -3,10 +3,10 @@ the machine's own limit.
 
 typical: torchvision ImageFolder, PIL decoding and per-item transforms in DataLoader workers, the
 network as a plain sequence of modules (`AsWritten`), NCHW, float32, as most public pneumonia
-repositories write it. pneumo: images decoded once into the
-preprocessing cache and held as a uint8 tensor (on the GPU when there is one), augmented a batch at
-a time, channels_last, its allocator tuned (as its command lines do), bf16 where the hardware has it,
-BatchNorm folded into the convolutions for inference.
+repositories write it. pneumo: images decoded once into the preprocessing cache and held as a uint8
+tensor (on the GPU when there is one), augmented a batch at a time, channels_last, its allocator
+tuned (as its command lines do), bf16 where the hardware has it, BatchNorm folded into the
+convolutions for inference.
 
 Each pipeline runs in a process of its own (`python -m pneumo.benchmark {pneumo,typical} SETTINGS`),
 so that neither inherits the other's allocator, threads or caches.
