@@ -49,8 +49,13 @@ def test_classifier_averages_members_mirror_and_applies_the_calibration():
         assert torch.equal(Classifier([a]).eval()(x), a(x))  # one member, no calibration: the network itself
 
 
-def test_pooling_before_the_relu_changes_nothing():
-    """SmallCNN pools before its ReLU for speed; the classic order gives the same outputs and gradients."""
+def test_pooling_before_the_relu_changes_nothing(monkeypatch):
+    """SmallCNN pools before its ReLU for speed; the classic order gives the same outputs and gradients.
+    (The fused first block, equal only up to rounding, is off here: tests/test_stem.py holds it.)"""
+    from pneumo import fused
+
+    monkeypatch.setattr(fused, "covers_stem", lambda *args: False)
+    monkeypatch.setattr(fused, "covers", lambda *args: False)
     torch.manual_seed(0)
     model = SmallCNN([4, 8], stem_stride=2, dropout=0.0)  # training mode: batch statistics, no randomness
     x = torch.rand(6, 1, 32, 32)

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from pneumo import fused
 from pneumo.config import ModelConfig
 
 # Fixed input normalization, part of the model so that every backend (torch, NumPy, exports) agrees.
@@ -46,9 +47,17 @@ class SmallCNN(nn.Module):
         its members."""
         for i in range(0, len(self.features), 4):
             conv, bn, relu, pool = self.features[i : i + 4]
+            # Training steps on the CPU run fused kernels (`pneumo.fused`); the rest runs the modules.
+            if fused.covers_stem(x, conv, bn, pool):
+                x = fused.stem_block(x, conv, bn)
+                continue
+            y = conv(x)
+            if fused.covers(y, bn, pool):
+                x = fused.bn_pool_relu(y, bn)
+                continue
             # Max-pooling before the ReLU gives the same numbers and the same gradients (the two commute),
             # with the ReLU on a quarter of the values.
-            x = relu(_max_pool(pool, bn(conv(x))))
+            x = relu(_max_pool(pool, bn(y)))
         return self.head(x).squeeze(1)
 
     @torch.no_grad()

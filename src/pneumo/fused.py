@@ -1,0 +1,266 @@
+"""SmallCNN's blocks (3x3 convolution, BatchNorm, 2x2 max-pool, ReLU) fused for training on the CPU.
+
+On a CPU, BatchNorm and pooling cost far more than their arithmetic: torch writes and reads each
+block's full-resolution activation several times per step (BatchNorm's statistics and output, the pool
+and its backward's scatter, BatchNorm's backward), all memory-bound. The kernels in
+`pneumo.fused_kernels` make one pass over the convolution's output forward and one backward:
+- `bn_pool_relu` after any convolution: statistics and pooling in one read, and in backward the
+  convolution's input gradient written in one pass.
+- `stem_block`, the first block, whose convolution has a single input channel: there even the
+  convolution is fused, and its full-resolution output (the network's largest activation) never exists.
+  One pass computes it a pooled row at a time for the pool and the statistics; backward recomputes it for
+  the weight gradient.
+
+Two identities make that possible:
+- BatchNorm's affine map is monotonic per channel, so pooling before it gives the same numbers: the
+  maximum where the channel's scale is positive, the minimum where it is negative. Ties go where
+  max_pool2d sends them: the first maximum of BatchNorm's output, so the first minimum in the second case.
+- BatchNorm's backward needs, besides the gradient at each window's maximum, only per-channel sums,
+  which are computed on the pooled values.
+
+The results are torch's up to rounding, gradients and running statistics included; the statistics are
+summed in float64, relative to the running mean, so they are closer to exact than torch's (the tests
+hold both to a float64 reference). Whatever this does not cover (evaluation, autocast, CUDA, another
+geometry, numba missing) runs the standard modules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
+    """Whether relu(pool(bn(conv(x)))) can run as `stem_block`: `covers` for a one-channel 3x3
+    convolution with padding 1 and no bias, of an input that needs no gradient."""
+    geometry = (conv.in_channels, conv.kernel_size, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    if type(conv) is not nn.Conv2d or geometry != (1, (3, 3), (1, 1), (1, 1), 1, "zeros") or conv.bias is not None:
+        return False
+    if conv.stride[0] != conv.stride[1] or x.requires_grad or x.dim() != 4:
+        return False
+    out_shape = (x.shape[0], conv.out_channels, *((size - 1) // conv.stride[0] + 1 for size in x.shape[-2:]))
+    return _covers(torch.Size(out_shape), x, bn, pool)
+
+
+def covers(y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
+    """Whether relu(pool(bn(y))) can run as `bn_pool_relu`: a training step on the CPU in float32, a
+    plain BatchNorm2d tracking its statistics, a 2x2 max-pool over an even height and width."""
+    return y.dim() == 4 and _covers(y.shape, y, bn, pool)
+
+
+def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
+    if not (bn.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if y.device.type != "cpu" or y.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if type(bn) is not nn.BatchNorm2d or not (bn.affine and bn.track_running_stats) or bn.momentum is None:
+        return False
+    if (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) != (2, 2, 0, 1, False):
+        return False
+    if shape[0] == 0 or shape[-2] % 2 or shape[-1] % 2 or min(shape[-2:]) == 0:
+        return False
+    return kernels() is not None
+
+
+@functools.cache
+def kernels():
+    """The numba kernels, or None where they cannot run well (then the standard modules run): without
+    numba, or without an OpenMP or TBB runtime for numba's threads. Numba's fallback threads wait by
+    spinning and yielding, which takes turns from torch's threads: slower than not fusing at all."""
+    try:
+        import numba
+
+        try:
+            from numba.np.ufunc import omppool  # noqa: F401 (it loads only where libgomp is installed)
+        except ImportError:
+            from numba.np.ufunc import tbbpool  # noqa: F401
+        from pneumo import fused_kernels
+    except ImportError:
+        return None
+    if numba.config.THREADING_LAYER == "workqueue":
+        return None
+    return fused_kernels
+
+
+def stem_block(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """relu(maxpool2x2(bn(conv(x)))) of a training step, BatchNorm's running statistics updated as
+    nn.BatchNorm2d updates them. Only where `covers_stem`."""
+    z, mean, var = _Stem.apply(x, conv.weight, bn.weight, bn.bias, conv.stride[0], bn.eps, bn.running_mean)
+    _update_running_stats(bn, mean, var, x.shape[0] * z.shape[2] * z.shape[3] * 4)
+    return z
+
+
+def bn_pool_relu(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """relu(maxpool2x2(bn(y))) of a training step, BatchNorm's running statistics updated as
+    nn.BatchNorm2d updates them. Only where `covers`."""
+    z, mean, var = _BnPoolRelu.apply(y, bn.weight, bn.bias, bn.eps, bn.running_mean)
+    _update_running_stats(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3])
+    return z
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    with torch.no_grad():
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
+        bn.running_var.lerp_((var * count / max(count - 1, 1)).to(bn.running_var.dtype), bn.momentum)
+        bn.num_batches_tracked.add_(1)
+
+
+class _Norm:
+    """BatchNorm's batch statistics from per-row partial sums of (y - shift) and its square, where the
+    shift is the running mean (of earlier steps), close to this batch's mean: the variance is then free
+    of cancellation. Everything per channel in float64."""
+
+    def __init__(self, sums, sumsq, shift, count, gamma, beta, eps):
+        offset = sums.double().sum(0) / count
+        self.var = (sumsq.double().sum(0) / count - offset**2).clamp_(min=0)
+        self.shift, self.count = shift.double(), count
+        self.mean = self.shift + offset
+        self.sigma = torch.sqrt(self.var + eps)
+        self.gamma = gamma.detach().double()
+        self.scale = self.gamma / self.sigma
+        self.bias = beta.detach().double() - self.scale * self.mean
+
+    def affine_relu(self, pooled: torch.Tensor) -> torch.Tensor:
+        """relu(scale * pooled + bias), channels_last."""
+        z = torch.empty_like(pooled, memory_format=torch.channels_last)
+        torch.addcmul(self.bias.float().view(-1, 1, 1), pooled, self.scale.float().view(-1, 1, 1), out=z)
+        return z.relu_()
+
+    def backward_terms(self, dbeta_rows, dot_rows):
+        """From per-row sums of g and of g * (pooled - shift), g the gradient at the pooled values:
+        dbeta, dgamma, and (alpha, beta) such that each y's gradient is
+        gamma / sigma * (g routed to it - alpha - beta * (y - shift))."""
+        # With xhat = (y - mean) / sigma: dbeta = sum g, dgamma = sum g * xhat, and each y gets
+        # gamma / sigma * (routed g - dbeta / count - xhat * dgamma / count).
+        dbeta = dbeta_rows.double().sum(0)
+        dgamma = (dot_rows.double().sum(0) - (self.mean - self.shift) * dbeta) / self.sigma
+        beta = dgamma / self.count / self.sigma
+        alpha = dbeta / self.count - (self.mean - self.shift) * beta
+        return dbeta, dgamma, alpha.float().contiguous(), beta.float().contiguous()
+
+
+class _Stem(torch.autograd.Function):
+    """(x, conv weight, BN weight, BN bias) -> (block output, the batch's mean and biased variance of the
+    convolution's output per channel). Gradients flow to the three parameters, not to x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, stride, eps, running_mean):
+        k = kernels()
+        _set_threads()
+        n, _, h, w = x.shape
+        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        channels, period = weight.shape[0], 2 * stride
+        # The kernel pools maxima: where BatchNorm's scale is negative, the block's maximum is the
+        # convolution's minimum, so that channel's weights are negated and its maximum taken.
+        sign = torch.where(gamma >= 0, 1.0, -1.0).to(torch.float32)
+        w9 = (weight.detach().reshape(channels, 9) * sign[:, None]).contiguous()
+        shift = (running_mean.detach().float() * sign).contiguous()
+        xph = torch.zeros(n, period, h + 2, -(-(w + 2) // period))
+        k.phase_split(x.detach().reshape(n, h, w).contiguous().numpy(), period, xph.numpy())
+        pooled = torch.empty(n, channels, out_h // 2, out_w // 2)
+        code = torch.empty(pooled.shape, dtype=torch.uint8)
+        sums, sumsq = torch.empty(2, n * pooled.shape[2], channels)
+        k.stem_forward(
+            xph.numpy(), w9.numpy(), stride, shift.numpy(), pooled.numpy(), code.numpy(), sums.numpy(), sumsq.numpy()
+        )
+        # In the sign-adjusted units BatchNorm's scale is |gamma| / sigma.
+        norm = _Norm(sums, sumsq, shift, n * out_h * out_w, gamma.abs(), beta, eps)
+        z = norm.affine_relu(pooled)
+        ctx.stride, ctx.norm = stride, norm
+        ctx.save_for_backward(xph, w9, pooled, code, z, sign, shift)
+        mean, var = (norm.mean * sign).float(), norm.var.float()
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_var):
+        xph, w9, pooled, code, z, sign, shift = ctx.saved_tensors
+        k, norm = kernels(), ctx.norm
+        _set_threads()
+        g = torch.empty(pooled.shape)
+        dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
+        k.pooled_grad(
+            grad_z.permute(0, 2, 3, 1).numpy(),
+            z.permute(0, 2, 3, 1).numpy(),
+            pooled.numpy(),
+            shift.numpy(),
+            g.numpy(),
+            dbeta_rows.numpy(),
+            dot_rows.numpy(),
+        )
+        dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)
+        parts = torch.empty(g.shape[0] * g.shape[2], w9.shape[0], 9)
+        k.stem_weight_grad(
+            xph.numpy(),
+            w9.numpy(),
+            ctx.stride,
+            (shift.numpy(), alpha.numpy(), beta.numpy()),
+            g.numpy(),
+            code.numpy(),
+            parts.numpy(),
+        )
+        dw = parts.double().sum(0) * (norm.scale * sign)[:, None]
+        return None, dw.float().view(-1, 1, 3, 3), (dgamma * sign).float(), dbeta.float(), None, None, None
+
+
+class _BnPoolRelu(torch.autograd.Function):
+    """(y, BN weight, BN bias) -> (relu(maxpool2x2(bn(y))), the batch's mean and biased variance of y per
+    channel), on channels_last tensors."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, eps, running_mean):
+        k = kernels()
+        _set_threads()
+        y = y.detach().contiguous(memory_format=torch.channels_last)
+        n, c, h, w = y.shape
+        sign = torch.where(gamma >= 0, 1.0, -1.0).to(torch.float32)
+        shift = running_mean.detach().float().clone()  # the running mean is updated after this step
+        pooled = torch.empty(n, c, h // 2, w // 2, memory_format=torch.channels_last)
+        code = torch.empty(pooled.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        sums, sumsq = torch.empty(2, n * (h // 2), c)
+        k.bn_pool_forward(
+            _nhwc(y), sign.numpy(), shift.numpy(), _nhwc(pooled), _nhwc(code), sums.numpy(), sumsq.numpy()
+        )
+        norm = _Norm(sums, sumsq, shift, n * h * w, gamma, beta, eps)
+        z = norm.affine_relu(pooled)
+        ctx.norm = norm
+        ctx.save_for_backward(y, pooled, code, z, shift)
+        mean, var = norm.mean.float(), norm.var.float()
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_var):
+        y, pooled, code, z, shift = ctx.saved_tensors
+        k, norm = kernels(), ctx.norm
+        _set_threads()
+        g = torch.empty_like(pooled)
+        dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
+        k.pooled_grad_nhwc(
+            _nhwc(grad_z), _nhwc(z), _nhwc(pooled), shift.numpy(), _nhwc(g), dbeta_rows.numpy(), dot_rows.numpy()
+        )
+        dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)
+        grad_y = torch.empty_like(y)
+        k.bn_pool_input_grad(
+            _nhwc(y),
+            _nhwc(code),
+            _nhwc(g),
+            norm.scale.float().numpy(),
+            (shift.numpy(), alpha.numpy(), beta.numpy()),
+            _nhwc(grad_y),
+        )
+        return grad_y, dgamma.float(), dbeta.float(), None, None
+
+
+def _nhwc(t: torch.Tensor):
+    """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view, any strides)."""
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _set_threads() -> None:
+    """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
