@@ -67,7 +67,7 @@ def bench_pneumo(s: Settings) -> dict:
 
     torch.manual_seed(0)
     model = prepare(build_model(s.model_config()), device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.01)  # as pneumo-train builds it
     dtype = training_dtype(s.precision, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     opt = Optimization(model, optimizer, schedule, nn.BCEWithLogitsLoss(), dtype)
