@@ -3,9 +3,11 @@
 pneumo chose (and the ones it left out) do to it: one synthetic batch, forward, backward and AdamW.
 
     python scripts/profile_step.py [--config configs/kermany.yaml] [--batch 32] [--steps 10]
-        [--variant pneumo|nchw|default-allocator|compile|bf16]
+        [--variant pneumo|unfused|nchw|default-allocator|compile|bf16]
 
-  pneumo             channels_last, glibc allocator tuned, float32 (what pneumo-train does without AMX)
+  pneumo             channels_last, glibc allocator tuned, float32, fused blocks (what pneumo-train does
+                     without AMX)
+  unfused            the same with torch's BatchNorm, max-pool and ReLU modules instead of the fused blocks
   nchw               the same in the default NCHW layout
   default-allocator  glibc's default (large blocks mmapped and returned at every free)
   compile            torch.compile of the model (its compile time reported apart)
@@ -21,12 +23,13 @@ import time
 import torch
 from torch import nn
 
+from pneumo import fused
 from pneumo.config import load_config
 from pneumo.device import autocast
 from pneumo.models import build_model
 from pneumo.process import tune_allocator
 
-VARIANTS = ("pneumo", "nchw", "default-allocator", "compile", "bf16")
+VARIANTS = ("pneumo", "unfused", "nchw", "default-allocator", "compile", "bf16")
 
 
 def main() -> int:
@@ -39,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.variant != "default-allocator":
         tune_allocator()
+    fused.ENABLED = args.variant != "unfused"
     cfg = load_config(args.config)
     torch.manual_seed(0)
     layout = torch.contiguous_format if args.variant == "nchw" else torch.channels_last
@@ -46,7 +50,7 @@ def main() -> int:
     size = cfg.data.image_size
     x = torch.rand(args.batch, 1, size, size).contiguous(memory_format=layout)
     y = (torch.rand(args.batch) > 0.5).float()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.01)
     loss_fn = nn.BCEWithLogitsLoss()
     forward = torch.compile(model) if args.variant == "compile" else model
     dtype = torch.bfloat16 if args.variant == "bf16" else None

@@ -92,12 +92,17 @@ def test_shortcut_check_reports_each_condition_or_fails_cleanly(tmp_path, traine
 def test_step_profile_runs_each_variant(tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text("data:\n  image_size: 32\nmodel:\n  channels: [8, 16]\n  stem_stride: 1\n")
-    for variant in ("pneumo", "bf16"):
-        args = ["--config", str(cfg), "--batch", "4", "--steps", "1", "--variant", variant, "--table", "3"]
+    tables = {}
+    for variant in ("pneumo", "unfused", "bf16"):
+        args = ["--config", str(cfg), "--batch", "4", "--steps", "1", "--variant", variant, "--table", "40"]
         result = run_script("profile_step.py", *args)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"{variant}: ") and "images/s" in result.stdout
         assert "Self CPU" in result.stdout  # the operator table
+        tables[variant] = result.stdout
+    # pneumo's step runs the fused blocks; unfused (and bf16 autocast, which they do not cover) torch's modules
+    assert "_BnPoolRelu" in tables["pneumo"] and "native_batch_norm" not in tables["pneumo"]
+    assert all("native_batch_norm" in tables[v] and "_BnPoolRelu" not in tables[v] for v in ("unfused", "bf16"))
 
 
 def test_pipeline_benchmark_refuses_fewer_than_one_repeat():

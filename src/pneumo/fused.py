@@ -50,7 +50,13 @@ def covers(y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
     return y.dim() == 4 and _covers(y.shape, y, bn, pool)
 
 
+# False runs torch's modules everywhere (`scripts/profile_step.py --variant unfused` compares the two).
+ENABLED = True
+
+
 def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
+    if not ENABLED:
+        return False
     if not (bn.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if y.device.type != "cpu" or y.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
@@ -181,6 +187,7 @@ class _Stem(torch.autograd.Function):
         _set_threads()
         g = torch.empty(pooled.shape)
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
+        grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
         k.pooled_grad(
             grad_z.permute(0, 2, 3, 1).numpy(),
             z.permute(0, 2, 3, 1).numpy(),
@@ -238,6 +245,7 @@ class _BnPoolRelu(torch.autograd.Function):
         _set_threads()
         g = torch.empty_like(pooled)
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
+        grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
         k.pooled_grad_nhwc(
             _nhwc(grad_z), _nhwc(z), _nhwc(pooled), shift.numpy(), _nhwc(g), dbeta_rows.numpy(), dot_rows.numpy()
         )

@@ -1,11 +1,16 @@
-"""Numba kernels of the fused stem block (see `pneumo.stem`): a one-channel 3x3 convolution, its 2x2
-max-pool and BatchNorm statistics in one pass over the image, and the convolution's weight gradient
-through BatchNorm and the pool in another. Each works on one pooled row of one image at a time, so the
-full-resolution activations never exist in memory.
+"""The numba kernels behind `pneumo.fused`. Each loops over rows in parallel (mostly pooled rows,
+t = n * Hp + j: image n, pooled row j) and writes only its own rows' outputs and partial sums, so the
+results do not depend on the number of threads.
 
-Layouts: `xph` is the zero-padded, normalized image split by column phase, xph[n, p, r, m] = padded
-column `period * m + p` of row r, period = 2 * stride: then the input columns that any output column of
-one pooling window reads are contiguous runs, and the loops vectorize. `w` is (C, 9), taps in row-major
+- The first block (`stem_*`): a one-channel 3x3 convolution, its 2x2 max-pool and BatchNorm's
+  statistics in one pass over the image, and the convolution's weight gradient through BatchNorm and
+  the pool in another that recomputes the convolution: the full-resolution output never exists.
+- The other blocks (`bn_pool_*`): BatchNorm's statistics and the pool in one pass over a convolution's
+  channels_last output, and its gradient in one pass backward.
+
+Layouts: `xph` is the zero-padded image split by column phase, xph[n, p, r, m] = padded column
+`period * m + p` of row r, period = 2 * stride: then the input columns that any output column of one
+pooling window reads are contiguous runs, and the loops vectorize. `w` is (C, 9), taps in row-major
 order. Window positions are numbered ab = 2a + b (row a, column b), the order max_pool2d scans them in.
 """
 
