@@ -18,10 +18,11 @@ Two identities make that possible:
 - BatchNorm's backward needs, besides the gradient at each window's maximum, only per-channel sums,
   which are computed on the pooled values.
 
-The results are torch's up to rounding, gradients and running statistics included; the statistics are
-summed in float64, relative to the running mean, so they are closer to exact than torch's (the tests
-hold both to a float64 reference). Whatever this does not cover (evaluation, autocast, CUDA, another
-geometry, numba missing) runs the standard modules.
+The results are torch's up to rounding, gradients and running statistics included (the tests hold them
+to torch's modules run in float64). The statistics are summed relative to the running mean, and their
+per-row partial sums added in float64, so they come closer to exact than torch's float32 modules.
+Whatever this does not cover (evaluation, autocast, CUDA, another geometry, numba missing) runs the
+standard modules.
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ class SmallCNN(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # One fused kernel for all parameters instead of a dozen passes over them: it matters on a CPU,
         # where the optimizer's many small operations are a visible share of a step of this small network.
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.parameters())
-        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+        one_kernel = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.parameters())
+        return torch.optim.AdamW(groups, lr=lr, fused=one_kernel or None)
 
     def flops_per_image(self, size: int, training: bool = True) -> float:
         """Multiply-adds of the convolutions and the linear layer, 2 FLOPs each; training counts
