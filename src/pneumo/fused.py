@@ -32,6 +32,8 @@ import functools
 import torch
 from torch import nn
 
+from pneumo.logs import log
+
 
 def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
     """Whether relu(pool(bn(conv(x)))) can run as `stem_block`: `covers` for a one-channel 3x3
@@ -88,6 +90,10 @@ def kernels():
         return None
     if numba.config.THREADING_LAYER == "workqueue":
         return None
+    log.info(
+        "training steps on the CPU run fused blocks (numba %s: compiled at the first step after installing)",
+        numba.__version__,
+    )
     return fused_kernels
 
 
