@@ -131,8 +131,7 @@ class _Norm:
         self.shift, self.count = shift.double(), count
         self.mean = self.shift + offset
         self.sigma = torch.sqrt(self.var + eps)
-        self.gamma = gamma.detach().double()
-        self.scale = self.gamma / self.sigma
+        self.scale = gamma.detach().double() / self.sigma
         self.bias = beta.detach().double() - self.scale * self.mean
 
     def affine_relu(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -151,7 +150,7 @@ class _Norm:
         dgamma = (dot_rows.double().sum(0) - (self.mean - self.shift) * dbeta) / self.sigma
         beta = dgamma / self.count / self.sigma
         alpha = dbeta / self.count - (self.mean - self.shift) * beta
-        return dbeta, dgamma, alpha.float().contiguous(), beta.float().contiguous()
+        return dbeta, dgamma, alpha.float(), beta.float()
 
 
 class _Stem(torch.autograd.Function):
@@ -196,13 +195,7 @@ class _Stem(torch.autograd.Function):
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
         k.pooled_grad(
-            grad_z.permute(0, 2, 3, 1).numpy(),
-            z.permute(0, 2, 3, 1).numpy(),
-            pooled.numpy(),
-            shift.numpy(),
-            g.numpy(),
-            dbeta_rows.numpy(),
-            dot_rows.numpy(),
+            _nhwc(grad_z), _nhwc(z), pooled.numpy(), shift.numpy(), g.numpy(), dbeta_rows.numpy(), dot_rows.numpy()
         )
         dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)
         parts = torch.empty(g.shape[0] * g.shape[2], w9.shape[0], 9)
