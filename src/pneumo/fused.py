@@ -8,8 +8,10 @@ and its backward's scatter, BatchNorm's backward), all memory-bound. The kernels
   convolution's input gradient written in one pass.
 - `stem_block`, the first block, whose convolution has a single input channel: there even the
   convolution is fused, and its full-resolution output (the network's largest activation) never exists.
-  One pass computes it a pooled row at a time for the pool and the statistics; backward recomputes it for
-  the weight gradient.
+  One pass computes it a pooled row at a time for the pool and the statistics. Backward needs no
+  convolution: the weight gradient is the part routed through the pool (each window's gradient times the
+  input patch of its maximum) plus BatchNorm's terms, which reach every output and, being affine in the
+  convolution's output, need only the sums of the input patches and their Gram matrix (9 x 9).
 
 Two identities make that possible:
 - BatchNorm's affine map is monotonic per channel, so pooling before it gives the same numbers: the
@@ -17,6 +19,8 @@ Two identities make that possible:
   max_pool2d sends them: the first maximum of BatchNorm's output, so the first minimum in the second case.
 - BatchNorm's backward needs, besides the gradient at each window's maximum, only per-channel sums,
   which are computed on the pooled values.
+- (first block) The convolution's output is linear in the input patch, so sums over all outputs of
+  that output times the patch are the weights times the patches' Gram matrix.
 
 The results are torch's up to rounding, gradients and running statistics included (the tests hold them
 to torch's modules run in float64). The statistics are summed relative to the running mean, and their
@@ -135,10 +139,10 @@ class _Norm:
         self.bias = beta.detach().double() - self.scale * self.mean
 
     def affine_relu(self, pooled: torch.Tensor) -> torch.Tensor:
-        """relu(scale * pooled + bias), channels_last."""
-        z = torch.empty_like(pooled, memory_format=torch.channels_last)
-        torch.addcmul(self.bias.float().view(-1, 1, 1), pooled, self.scale.float().view(-1, 1, 1), out=z)
-        return z.relu_()
+        """relu(scale * pooled + bias) of a channels_last tensor."""
+        z = torch.empty_like(pooled)
+        kernels().affine_relu(_nhwc(pooled), self.scale.float().numpy(), self.bias.float().numpy(), _nhwc(z))
+        return z
 
     def backward_terms(self, dbeta_rows, dot_rows):
         """From per-row sums of g and of g * (pooled - shift), g the gradient at the pooled values:
@@ -150,7 +154,7 @@ class _Norm:
         dgamma = (dot_rows.double().sum(0) - (self.mean - self.shift) * dbeta) / self.sigma
         beta = dgamma / self.count / self.sigma
         alpha = dbeta / self.count - (self.mean - self.shift) * beta
-        return dbeta, dgamma, alpha.float(), beta.float()
+        return dbeta, dgamma, alpha, beta
 
 
 class _Stem(torch.autograd.Function):
@@ -162,20 +166,18 @@ class _Stem(torch.autograd.Function):
         k = kernels()
         _set_threads()
         n, _, h, w = x.shape
-        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-        channels, period = weight.shape[0], 2 * stride
+        channels, out_h, out_w = weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1
         # The kernel pools maxima: where BatchNorm's scale is negative, the block's maximum is the
         # convolution's minimum, so that channel's weights are negated and its maximum taken.
         sign = torch.where(gamma >= 0, 1.0, -1.0).to(torch.float32)
         w9 = (weight.detach().reshape(channels, 9) * sign[:, None]).contiguous()
         shift = (running_mean.detach().float() * sign).contiguous()
-        xph = torch.zeros(n, period, h + 2, -(-(w + 2) // period))
-        k.phase_split(x.detach().reshape(n, h, w).contiguous().numpy(), period, xph.numpy())
-        pooled = torch.empty(n, channels, out_h // 2, out_w // 2)
+        xph = _phase_split(x, stride)
+        pooled = torch.empty(n, channels, out_h // 2, out_w // 2, memory_format=torch.channels_last)
         code = torch.empty(pooled.shape, dtype=torch.uint8)
         sums, sumsq = torch.empty(2, n * pooled.shape[2], channels)
         k.stem_forward(
-            xph.numpy(), w9.numpy(), stride, shift.numpy(), pooled.numpy(), code.numpy(), sums.numpy(), sumsq.numpy()
+            xph.numpy(), w9.numpy(), stride, shift.numpy(), _nhwc(pooled), code.numpy(), sums.numpy(), sumsq.numpy()
         )
         # In the sign-adjusted units BatchNorm's scale is |gamma| / sigma.
         norm = _Norm(sums, sumsq, shift, n * out_h * out_w, gamma.abs(), beta, eps)
@@ -191,25 +193,29 @@ class _Stem(torch.autograd.Function):
         xph, w9, pooled, code, z, sign, shift = ctx.saved_tensors
         k, norm = kernels(), ctx.norm
         _set_threads()
-        g = torch.empty(pooled.shape)
-        dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
+        n, channels, hp, _ = pooled.shape
+        sums, routed, gram = torch.empty(n * hp, 2, channels), torch.empty(n * hp, channels, 9), torch.empty(n * hp, 54)
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
-        k.pooled_grad(
-            _nhwc(grad_z), _nhwc(z), pooled.numpy(), shift.numpy(), g.numpy(), dbeta_rows.numpy(), dot_rows.numpy()
-        )
-        dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)
-        parts = torch.empty(g.shape[0] * g.shape[2], w9.shape[0], 9)
-        k.stem_weight_grad(
-            xph.numpy(),
-            w9.numpy(),
-            ctx.stride,
-            (shift.numpy(), alpha.numpy(), beta.numpy()),
-            g.numpy(),
-            code.numpy(),
-            parts.numpy(),
-        )
-        dw = parts.double().sum(0) * (norm.scale * sign)[:, None]
+        saved = (_nhwc(z), _nhwc(pooled), code.numpy(), shift.numpy())
+        k.stem_backward(xph.numpy(), ctx.stride, _nhwc(grad_z), saved, (sums.numpy(), routed.numpy(), gram.numpy()))
+        dbeta, dgamma, alpha, beta = norm.backward_terms(sums[:, 0], sums[:, 1])
+        dw = _stem_weight_grad(routed, gram, w9, norm.shift, (alpha, beta)) * (norm.scale * sign)[:, None]
         return None, dw.float().view(-1, 1, 3, 3), (dgamma * sign).float(), dbeta.float(), None, None, None
+
+
+def _stem_weight_grad(routed, gram, w9, shift, terms):
+    """Sum over all outputs of dy * input at each tap, before BatchNorm's scale, in float64, where
+    dy = g routed to the window's maximum - alpha - beta * (y - shift) and y = w9 . patch: the routed part
+    summed by the kernel, the rest from the inputs' sums and Gram matrix (sum of y * input = w9 @ Gram)."""
+    alpha, beta = terms
+    totals = gram.double().sum(0)
+    tap_sums, pairs = totals[:9], totals[9:]
+    rows, cols = torch.triu_indices(9, 9)
+    gram_matrix = torch.zeros(9, 9, dtype=torch.float64)
+    gram_matrix[rows, cols] = pairs
+    gram_matrix[cols, rows] = pairs
+    centred = w9.double() @ gram_matrix - shift[:, None] * tap_sums
+    return routed.double().sum(0) - alpha[:, None] * tap_sums - beta[:, None] * centred
 
 
 class _BnPoolRelu(torch.autograd.Function):
@@ -256,10 +262,20 @@ class _BnPoolRelu(torch.autograd.Function):
             _nhwc(code),
             _nhwc(g),
             norm.scale.float().numpy(),
-            (shift.numpy(), alpha.numpy(), beta.numpy()),
+            (shift.numpy(), alpha.float().numpy(), beta.float().numpy()),
             _nhwc(grad_y),
         )
         return grad_y, dgamma.float(), dbeta.float(), None, None
+
+
+def _phase_split(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The one-channel input (N, 1, H, W) zero-padded by one pixel and split by column phase, as the stem
+    kernels read it (see `pneumo.fused_kernels`)."""
+    n, _, h, w = x.shape
+    period = 2 * stride
+    xph = torch.empty(n, period, h + 2, -(-(w + 2) // period))
+    kernels().phase_split(x.detach().reshape(n, h, w).contiguous().numpy(), period, xph.numpy())
+    return xph
 
 
 def _nhwc(t: torch.Tensor):

@@ -3,10 +3,12 @@ t = n * Hp + j: image n, pooled row j) and writes only its own rows' outputs and
 results do not depend on the number of threads.
 
 - The first block (`stem_*`): a one-channel 3x3 convolution, its 2x2 max-pool and BatchNorm's
-  statistics in one pass over the image, and the convolution's weight gradient through BatchNorm and
-  the pool in another that recomputes the convolution: the full-resolution output never exists.
+  statistics in one pass over the image, and what the convolution's weight gradient needs (the part
+  routed through the pool, the input patches' sums and Gram matrix) in another: the full-resolution
+  output never exists.
 - The other blocks (`bn_pool_*`): BatchNorm's statistics and the pool in one pass over a convolution's
   channels_last output, and its gradient in one pass backward.
+- Every block: BatchNorm's affine map and the ReLU on the pooled values (`affine_relu`).
 
 Layouts: `xph` is the zero-padded image split by column phase, xph[n, p, r, m] = padded column
 `period * m + p` of row r, period = 2 * stride: then the input columns that any output column of one
@@ -25,19 +27,24 @@ FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def phase_split(x, period, out):
-    """out (N, period, H + 2, M): x (N, H, W) zero-padded by one pixel and split by column phase. `out`
-    must be zeroed beforehand: only the image's pixels are written."""
+    """out (N, period, H + 2, M): x (N, H, W) zero-padded by one pixel and split by column phase, every
+    element written (the padding's zeros too)."""
     n_img, h, w = x.shape
-    for t in prange(n_img * h):
-        n, r = t // h, t % h
-        row = x[n, r]
+    for t in prange(n_img * (h + 2)):
+        n, r = t // (h + 2), t % (h + 2)
         for p in range(period):
-            dest = out[n, p, r + 1]
+            dest = out[n, p, r]
+            if r == 0 or r == h + 1:
+                dest[:] = 0
+                continue
+            row = x[n, r - 1]
             # padded column period * m + p is image column period * m + p - 1
             first = 1 if p == 0 else 0
             last = min(dest.shape[0], (w - p) // period + 1)
+            dest[:first] = 0
             for m in range(first, last):
                 dest[m] = row[period * m + p - 1]
+            dest[last:] = 0
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
@@ -63,14 +70,14 @@ def _taps(xph, n, j, ab, stride, wp):
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
-def _conv(taps, w, c, shift, out):
-    """out[l] = channel c's output at the taps' positions, minus `shift`."""
+def _conv(taps, w, c, out):
+    """out[l] = channel c's output at the taps' positions."""
     s0, s1, s2, s3, s4, s5, s6, s7, s8 = taps
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[c, 0], w[c, 1], w[c, 2], w[c, 3], w[c, 4], w[c, 5], w[c, 6], w[c, 7], w[c, 8]
     for m in range(out.shape[0]):
         out[m] = (
             w0 * s0[m] + w1 * s1[m] + w2 * s2[m] + w3 * s3[m] + w4 * s4[m] + w5 * s5[m] + w6 * s6[m] + w7 * s7[m]
-        ) + (w8 * s8[m] - shift)
+        ) + w8 * s8[m]
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
@@ -82,25 +89,26 @@ def _take(v, best, which, ab):
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def stem_forward(xph, w, stride, shift, pooled, code, sums, sumsq):
-    """pooled (N, C, Hp, Wp): the 2x2 maximum of each channel's convolution; code: which of the window's
-    four positions held it (ab); sums, sumsq (N * Hp, C): per pooled row, the sums of (y - shift) and of
-    its square over the row's 4 * Wp outputs, for the BatchNorm statistics (shift close to the mean keeps
-    the variance free of cancellation)."""
-    n_img, c_out, hp, wp = pooled.shape
+    """pooled (N, Hp, Wp, C), the channels_last order: the 2x2 maximum of each channel's convolution;
+    code (N, C, Hp, Wp): which of the window's four positions held it (ab); sums, sumsq (N * Hp, C): per
+    pooled row, the sums of (y - shift) and of its square over the row's 4 * Wp outputs, for the
+    BatchNorm statistics (shift close to the mean keeps the variance free of cancellation)."""
+    n_img, hp, wp, c_out = pooled.shape
     for t in prange(n_img * hp):
         n, j = t // hp, t % hp
+        rows = np.empty((c_out, wp), np.float32)
         y = np.empty((4, wp), np.float32)
         y0, y1, y2, y3 = y[0], y[1], y[2], y[3]
         t0, t1 = _taps(xph, n, j, 0, stride, wp), _taps(xph, n, j, 1, stride, wp)
         t2, t3 = _taps(xph, n, j, 2, stride, wp), _taps(xph, n, j, 3, stride, wp)
         for c in range(c_out):
-            _conv(t0, w, c, np.float32(0), y0)
-            _conv(t1, w, c, np.float32(0), y1)
-            _conv(t2, w, c, np.float32(0), y2)
-            _conv(t3, w, c, np.float32(0), y3)
+            _conv(t0, w, c, y0)
+            _conv(t1, w, c, y1)
+            _conv(t2, w, c, y2)
+            _conv(t3, w, c, y3)
             k = shift[c]
             s, q = np.float32(0), np.float32(0)
-            prow, crow = pooled[n, c, j], code[n, c, j]
+            prow, crow = rows[c], code[n, c, j]
             for m in range(wp):
                 v0, v1, v2, v3 = y0[m], y1[m], y2[m], y3[m]
                 d0, d1, d2, d3 = v0 - k, v1 - k, v2 - k, v3 - k
@@ -112,81 +120,106 @@ def stem_forward(xph, w, stride, shift, pooled, code, sums, sumsq):
                 prow[m] = best
                 crow[m] = which
             sums[t, c], sumsq[t, c] = s, q
+        dest = pooled[n, j]
+        for m in range(wp):
+            for c in range(c_out):
+                dest[m, c] = rows[c, m]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def stem_backward(xph, stride, grad_z, saved, out):
+    """Everything the first block's backward needs from its pooled rows, in one pass (the gradient at the
+    pooled maxima is g = grad_z where z > 0; grad_z, z and pooled come in the (N, Hp, Wp, C) order of
+    channels_last tensors, code in (N, C, Hp, Wp)); saved = (z, pooled, code, shift) from the forward pass,
+    out = (sums, routed, gram). Per pooled row t = n * Hp + j:
+    - sums[t] = (sum of g, sum of g * (pooled - shift)) per channel, for BatchNorm's backward terms;
+    - routed[t, c, tap] = the sum of g times the input at that tap of the window position holding the
+      maximum (code): the part of the weight gradient that flows through the pool;
+    - gram[t] = over all the row's window positions, the sum of each tap's input (9 values), then of the
+      product of each pair of taps (45, in row-major order of the upper triangle): BatchNorm's terms
+      reach every output, and through these the weight gradient needs no convolution recomputed."""
+    z, pooled, code, shift = saved
+    sums, routed, gram = out
+    n_img, hp, wp, c_out = grad_z.shape
+    for t in prange(n_img * hp):
+        n, j = t // hp, t % hp
+        t0, t1 = _taps(xph, n, j, 0, stride, wp), _taps(xph, n, j, 1, stride, wp)
+        t2, t3 = _taps(xph, n, j, 2, stride, wp), _taps(xph, n, j, 3, stride, wp)
+        g = _routed_gradient(grad_z[n, j], z[n, j], pooled[n, j], shift, sums[t])
+        for c in range(c_out):
+            _routed(t0, t1, t2, t3, g[c], code[n, c, j], routed[t, c])
+        _gram((t0, t1, t2, t3), wp, gram[t])
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
-def _window_grad(taps, w, c, ab, terms, rows, y, acc):
-    """acc[tap] += sum over the window position ab's outputs of dy * input at tap, where dy is the
-    gradient routed through the pool (grow where crow says ab held the maximum) minus BatchNorm's terms
-    alpha + beta * (y - shift), terms = (shift, alpha, beta) of channel c."""
-    shift, alpha, beta = terms
-    grow, crow = rows
-    _conv(taps, w, c, shift, y)
-    for m in range(y.shape[0]):
-        routed = grow[m] if crow[m] == ab else np.float32(0)
-        y[m] = routed - alpha - beta * y[m]
-    s0, s1, s2, s3, s4, s5, s6, s7, s8 = taps
+def _routed_gradient(gz, zz, pz, shift, sums):
+    """g = gz where zz > 0, as (C, Wp) from (Wp, C) rows, and sums = (sum of g, sum of g * (pz - shift))
+    per channel. Selecting and summing in the rows' own order vectorizes (no branch to mispredict on the
+    ReLU's signs); the transposition comes after."""
+    wp, c_out = gz.shape
+    selected = np.empty((wp, c_out), np.float32)
+    s, d = sums[0], sums[1]
+    s[:] = 0
+    d[:] = 0
+    for m in range(wp):
+        for c in range(c_out):
+            v = gz[m, c] if zz[m, c] > 0 else np.float32(0)
+            selected[m, c] = v
+            s[c] += v
+            d[c] += v * (pz[m, c] - shift[c])
+    g = np.empty((c_out, wp), np.float32)
+    for c in range(c_out):
+        for m in range(wp):
+            g[c, m] = selected[m, c]
+    return g
+
+
+@njit(cache=True, fastmath=FAST, inline="always")
+def _routed(t0, t1, t2, t3, grow, crow, acc):
+    """acc[tap] = the sum of grow times the input at tap of the window position (ab) that crow names,
+    from the taps of the four positions."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = np.float32(0)
-    for m in range(y.shape[0]):
-        d = y[m]
-        a0 += d * s0[m]
-        a1 += d * s1[m]
-        a2 += d * s2[m]
-        a3 += d * s3[m]
-        a4 += d * s4[m]
-        a5 += d * s5[m]
-        a6 += d * s6[m]
-        a7 += d * s7[m]
-        a8 += d * s8[m]
-    acc[0] += a0
-    acc[1] += a1
-    acc[2] += a2
-    acc[3] += a3
-    acc[4] += a4
-    acc[5] += a5
-    acc[6] += a6
-    acc[7] += a7
-    acc[8] += a8
+    for m in range(grow.shape[0]):
+        g, ab = grow[m], crow[m]
+        d0 = g if ab == 0 else np.float32(0)
+        d1 = g if ab == 1 else np.float32(0)
+        d2 = g if ab == 2 else np.float32(0)
+        d3 = g if ab == 3 else np.float32(0)
+        a0 += (d0 * t0[0][m] + d1 * t1[0][m]) + (d2 * t2[0][m] + d3 * t3[0][m])
+        a1 += (d0 * t0[1][m] + d1 * t1[1][m]) + (d2 * t2[1][m] + d3 * t3[1][m])
+        a2 += (d0 * t0[2][m] + d1 * t1[2][m]) + (d2 * t2[2][m] + d3 * t3[2][m])
+        a3 += (d0 * t0[3][m] + d1 * t1[3][m]) + (d2 * t2[3][m] + d3 * t3[3][m])
+        a4 += (d0 * t0[4][m] + d1 * t1[4][m]) + (d2 * t2[4][m] + d3 * t3[4][m])
+        a5 += (d0 * t0[5][m] + d1 * t1[5][m]) + (d2 * t2[5][m] + d3 * t3[5][m])
+        a6 += (d0 * t0[6][m] + d1 * t1[6][m]) + (d2 * t2[6][m] + d3 * t3[6][m])
+        a7 += (d0 * t0[7][m] + d1 * t1[7][m]) + (d2 * t2[7][m] + d3 * t3[7][m])
+        a8 += (d0 * t0[8][m] + d1 * t1[8][m]) + (d2 * t2[8][m] + d3 * t3[8][m])
+    acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7], acc[8] = a0, a1, a2, a3, a4, a5, a6, a7, a8
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def stem_weight_grad(xph, w, stride, terms, grad, code, out):
-    """out (N * Hp, C, 9): per pooled row, the weight gradient's share (before BatchNorm's scale) of the
-    outputs in that row's windows, for the gradient `grad` (N, C, Hp, Wp) at the pooled maxima and
-    BatchNorm's per-channel terms = (shift, alpha, beta) (see `_window_grad`)."""
-    shift, alpha, beta = terms
-    n_img, c_out, hp, wp = grad.shape
-    for t in prange(n_img * hp):
-        n, j = t // hp, t % hp
-        y = np.empty(wp, np.float32)
-        t0, t1 = _taps(xph, n, j, 0, stride, wp), _taps(xph, n, j, 1, stride, wp)
-        t2, t3 = _taps(xph, n, j, 2, stride, wp), _taps(xph, n, j, 3, stride, wp)
-        for c in range(c_out):
-            rows, channel_terms, acc = (grad[n, c, j], code[n, c, j]), (shift[c], alpha[c], beta[c]), out[t, c]
-            acc[:] = 0
-            _window_grad(t0, w, c, 0, channel_terms, rows, y, acc)
-            _window_grad(t1, w, c, 1, channel_terms, rows, y, acc)
-            _window_grad(t2, w, c, 2, channel_terms, rows, y, acc)
-            _window_grad(t3, w, c, 3, channel_terms, rows, y, acc)
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def pooled_grad(grad_z, z, pooled, shift, grad, dbeta, dot):
-    """The gradient at the pooled maxima, through the ReLU: grad (N, C, Hp, Wp) = grad_z where z > 0;
-    per pooled row t = n * Hp + j, dbeta[t, c] = its sum and dot[t, c] = its sum times (pooled - shift).
-    grad_z and z come in the (N, Hp, Wp, C) order of channels_last tensors."""
-    n_img, c_out, hp, wp = grad.shape
-    for t in prange(n_img * hp):
-        n, j = t // hp, t % hp
-        for c in range(c_out):
-            grow, prow, k = grad[n, c, j], pooled[n, c, j], shift[c]
-            s, d = np.float32(0), np.float32(0)
-            for m in range(wp):
-                g = grad_z[n, j, m, c] if z[n, j, m, c] > 0 else np.float32(0)
-                grow[m] = g
-                s += g
-                d += g * (prow[m] - k)
-            dbeta[t, c], dot[t, c] = s, d
+@njit(cache=True, fastmath=FAST, inline="always")
+def _gram(taps, wp, out):
+    """out = over the outputs of the four window positions' taps, the sum of each tap's input, then of each
+    pair's product. The four positions side by side make runs of 4 * wp: long enough that the vectorized
+    sums leave no scalar remainder worth the name."""
+    patches = np.empty((9, 4 * wp), np.float32)
+    for ab in range(4):
+        for i in range(9):
+            patches[i, ab * wp : (ab + 1) * wp] = taps[ab][i]
+    pair = 9
+    for i in range(9):
+        si = patches[i]
+        a = np.float32(0)
+        for m in range(si.shape[0]):
+            a += si[m]
+        out[i] = a
+        for k in range(i, 9):
+            sk = patches[k]
+            a = np.float32(0)
+            for m in range(si.shape[0]):
+                a += si[m] * sk[m]
+            out[pair] = a
+            pair += 1
 
 
 # BatchNorm, 2x2 max-pool and ReLU after any convolution, on its channels_last output y (N, H, W, C).
@@ -258,3 +291,17 @@ def bn_pool_input_grad(y, code, grad, scale, terms, out):
                     for c in range(c_out):
                         routed = grow[c] if crow[c] == ab else np.float32(0)
                         ov[c] = scale[c] * (routed - alpha[c] - beta[c] * (yv[c] - shift[c]))
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def affine_relu(pooled, scale, bias, out):
+    """out = relu(scale * pooled + bias) per channel, both (N, Hp, Wp, C): BatchNorm's affine map and the
+    ReLU in one pass (NaN stays NaN, as in torch's ReLU)."""
+    n_img, hp, wp, c_out = pooled.shape
+    for t in prange(n_img * hp):
+        n, j = t // hp, t % hp
+        src, dest = pooled[n, j], out[n, j]
+        for m in range(wp):
+            for c in range(c_out):
+                v = src[m, c] * scale[c] + bias[c]
+                dest[m, c] = v if v > 0 or v != v else np.float32(0)
