@@ -253,7 +253,7 @@ def test_one_entry_point_with_every_command():
     version = subprocess.run([sys.executable, "-m", "pneumo", "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("pneumo 0.") and "torch" in version.stdout
     helped = subprocess.run([sys.executable, "-m", "pneumo", "predict", "--help"], capture_output=True, text=True)
-    assert "--shard K/N" in helped.stdout and "(default: 64)" in helped.stdout  # options with their defaults
+    assert "--shard K/N" in helped.stdout and "(default: 32)" in helped.stdout  # options with their defaults
 
 
 def test_print_config_shows_the_resolved_yaml_and_does_nothing_else(tmp_path):

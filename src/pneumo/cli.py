@@ -121,7 +121,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     _checkpoint_option(p, "a best.pt written by pneumo-train or pneumo-calibrate, or an export")
     p.add_argument("--out", required=True, help="the CSV to write or extend")
-    p.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at a time (bounds memory)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images scored at a time (bounds memory; files are decoded 8 batches at a time)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-file", help="also append the log lines to this file")
     p.add_argument(

@@ -131,7 +131,7 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
     if not found:
         raise PneumoError(f"no image files found in {', '.join(inputs)}")
     device = resolve_device(options.device)
-    scorer = _Scorer(model, prepare(model.network, device), device)
+    scorer = _Scorer(model, prepare(model.network, device), device, options.batch_size)
     scores = ScoresCsv(out)
     busy = "another pneumo-predict (pid {pid}) is writing " + str(scores.target) + "; try again when it has finished"
     with FileLock(scores.lock_file, busy):
@@ -148,23 +148,29 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
         )
         bad = 0
         with scores.appending() as append:
-            for paths, (images, errors) in decoded_batches(todo, options.batch_size, model):
+            for paths, (images, errors) in decoded_batches(todo, options.batch_size * DECODE_BATCHES, model):
                 rows = scorer.rows(paths, images, errors)
                 bad += sum(1 for r in rows if r[4])
                 append(rows)
     return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start, options.shard)
 
 
+# Files are decoded this many scoring batches at a time, the next block while the current one is
+# scored: fewer, longer turns between decoding and scoring ran faster than a batch at a time
+# (docs/performance.md), and the images of two blocks are small beside the network's activations.
+DECODE_BATCHES = 8
+
+
 @dataclass
 class PredictOptions:
-    batch_size: int = 64
+    batch_size: int = 32  # images the network scores at a time: its activations are most of the memory
     device: str = "auto"
     shard: Shard = Shard()
 
 
 def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
-    """(paths, (images, errors)) a batch at a time, with progress. The next batch is decoded (on all
-    cores) while the caller scores this one; at most two batches of images are in memory at once."""
+    """(paths, (images, errors)) `batch_size` files at a time, with progress. The next batch is decoded
+    (on all cores) while the caller scores this one; at most two batches of images are in memory at once."""
     parts = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as ahead:
         upcoming = ahead.submit(_decode, parts[0], model) if parts else None
@@ -183,11 +189,13 @@ class _Scorer:
     model: InferenceModel
     network: nn.Module
     device: torch.device
+    batch_size: int
 
     def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
         ok = [i for i in range(len(paths)) if i not in errors]
-        net, device = self.network, self.device
-        probs = predict(net, torch.from_numpy(images[ok]), len(paths), device, desc="scoring") if ok else np.zeros(0)
+        probs = np.zeros(0)
+        if ok:
+            probs = predict(self.network, torch.from_numpy(images[ok]), self.batch_size, self.device, desc="scoring")
         scored = dict(zip(ok, probs, strict=True))
         provenance = [__version__, str(torch.__version__), self.model.config_hash]
         rows = []
