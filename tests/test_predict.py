@@ -249,10 +249,8 @@ def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, mo
     assert [r["label"] for r in rows] == ["", "NORMAL"] and "no finite probability" in rows[0]["error"]
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["decoding ahead", "taking turns"])
-def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatch, ahead):
-    """The progress bar (or log line) counts a batch when it is handed over to be scored, not earlier,
-    whether the next batch is decoded meanwhile (on a GPU) or not (on the CPU)."""
+def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatch):
+    """The progress bar (or log line) counts a batch when it is handed over to be scored, not earlier."""
     paths = [str(p) for p in make_images(tmp_path / "imgs", 6)]
     pulled = []
 
@@ -263,7 +261,7 @@ def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatc
 
     monkeypatch.setattr(predict_module, "progress", recording)
     seen = []
-    for part, (images, errors) in decoded_batches(paths, 2, InferenceModel.load(checkpoint), ahead):
+    for part, (images, errors) in decoded_batches(paths, 2, InferenceModel.load(checkpoint)):
         seen.append(len(pulled))
         assert len(images) == len(part) and not errors
     assert seen == [1, 2, 3] and pulled == [2, 2, 2]

@@ -148,17 +148,16 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
         )
         bad = 0
         with scores.appending() as append:
-            blocks = decoded_batches(todo, options.batch_size * DECODE_BATCHES, model, ahead=device.type != "cpu")
-            for paths, (images, errors) in blocks:
+            for paths, (images, errors) in decoded_batches(todo, options.batch_size * DECODE_BATCHES, model):
                 rows = scorer.rows(paths, images, errors)
                 bad += sum(1 for r in rows if r[4])
                 append(rows)
     return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start, options.shard)
 
 
-# Files are decoded this many scoring batches at a time: fewer, longer turns between decoding and
-# scoring ran faster than a batch at a time (docs/performance.md), and the images of a block are small
-# beside the network's activations.
+# Files are decoded this many scoring batches at a time, the next block while the current one is
+# scored: fewer, longer turns between decoding and scoring ran faster than a batch at a time
+# (docs/performance.md), and the images of two blocks are small beside the network's activations.
 DECODE_BATCHES = 8
 
 
@@ -169,23 +168,15 @@ class PredictOptions:
     shard: Shard = Shard()
 
 
-def decoded_batches(
-    paths: list[str], batch_size: int, model: InferenceModel, ahead: bool = True
-) -> Iterator[tuple[list[str], tuple]]:
-    """(paths, (images, errors)) `batch_size` files at a time, decoded on all cores, with progress. With
-    `ahead`, the next batch is decoded while the caller scores this one (two batches of images in memory
-    at most): worth it when a GPU scores. On the CPU, decoding and scoring compete for the same cores,
-    and taking turns ran as fast or faster (docs/performance.md)."""
+def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
+    """(paths, (images, errors)) `batch_size` files at a time, with progress. The next batch is decoded
+    (on all cores) while the caller scores this one; at most two batches of images are in memory at once."""
     parts = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
-    if not ahead:
-        for part in progress(parts, len(parts), "predicting", unit="batch"):
-            yield part, _decode(part, model)
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(_decode, parts[0], model) if parts else None
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        upcoming = ahead.submit(_decode, parts[0], model) if parts else None
         for i, part in enumerate(progress(parts, len(parts), "predicting", unit="batch")):
             current = upcoming.result()
-            upcoming = pool.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
+            upcoming = ahead.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
             yield part, current
 
 
