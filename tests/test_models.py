@@ -51,7 +51,7 @@ def test_classifier_averages_members_mirror_and_applies_the_calibration():
 
 def test_pooling_before_the_relu_changes_nothing(monkeypatch):
     """SmallCNN pools before its ReLU for speed; the classic order gives the same outputs and gradients.
-    (The fused first block, equal only up to rounding, is off here: tests/test_stem.py holds it.)"""
+    (The fused blocks, equal only up to rounding, are off here: tests/test_fused.py holds them.)"""
     from pneumo import fused
 
     monkeypatch.setattr(fused, "covers_stem", lambda *args: False)

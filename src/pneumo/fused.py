@@ -252,7 +252,7 @@ class _BnPoolRelu(torch.autograd.Function):
         g = torch.empty_like(pooled)
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
-        k.pooled_grad_nhwc(
+        k.pooled_grad(
             _nhwc(grad_z), _nhwc(z), _nhwc(pooled), shift.numpy(), _nhwc(g), dbeta_rows.numpy(), dot_rows.numpy()
         )
         dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)

@@ -158,15 +158,7 @@ def _routed_gradient(gz, zz, pz, shift, sums):
     ReLU's signs); the transposition comes after."""
     wp, c_out = gz.shape
     selected = np.empty((wp, c_out), np.float32)
-    s, d = sums[0], sums[1]
-    s[:] = 0
-    d[:] = 0
-    for m in range(wp):
-        for c in range(c_out):
-            v = gz[m, c] if zz[m, c] > 0 else np.float32(0)
-            selected[m, c] = v
-            s[c] += v
-            d[c] += v * (pz[m, c] - shift[c])
+    _pooled_grad_row(gz, zz, pz, shift, selected, sums[0], sums[1])
     g = np.empty((c_out, wp), np.float32)
     for c in range(c_out):
         for m in range(wp):
@@ -255,21 +247,28 @@ def bn_pool_forward(y, sign, shift, pooled, code, sums, sumsq):
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def pooled_grad_nhwc(grad_z, z, pooled, shift, grad, dbeta, dot):
-    """As `pooled_grad`, with grad (N, Hp, Wp, C) in the channels_last order too."""
-    n_img, hp, wp, c_out = grad.shape
+def pooled_grad(grad_z, z, pooled, shift, grad, dbeta, dot):
+    """The gradient at the pooled values, through the ReLU: grad = grad_z where z > 0, all (N, Hp, Wp, C);
+    per pooled row t = n * Hp + j, dbeta[t] = its sum and dot[t] = its sum times (pooled - shift), per
+    channel."""
+    n_img, hp, _, _ = grad.shape
     for t in prange(n_img * hp):
         n, j = t // hp, t % hp
-        s, d = dbeta[t], dot[t]
-        s[:] = 0
-        d[:] = 0
-        for m in range(wp):
-            grow, gzrow, zrow, prow = grad[n, j, m], grad_z[n, j, m], z[n, j, m], pooled[n, j, m]
-            for c in range(c_out):
-                g = gzrow[c] if zrow[c] > 0 else np.float32(0)
-                grow[c] = g
-                s[c] += g
-                d[c] += g * (prow[c] - shift[c])
+        _pooled_grad_row(grad_z[n, j], z[n, j], pooled[n, j], shift, grad[n, j], dbeta[t], dot[t])
+
+
+@njit(cache=True, fastmath=FAST, inline="always")
+def _pooled_grad_row(gz, zz, pz, shift, g, s, d):
+    """For one pooled row of (Wp, C): g = gz where zz > 0, s = its sum and d = its sum times (pz - shift)
+    per channel. A select, not a branch: the ReLU's signs would mispredict one."""
+    s[:] = 0
+    d[:] = 0
+    for m in range(gz.shape[0]):
+        for c in range(gz.shape[1]):
+            v = gz[m, c] if zz[m, c] > 0 else np.float32(0)
+            g[m, c] = v
+            s[c] += v
+            d[c] += v * (pz[m, c] - shift[c])
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
