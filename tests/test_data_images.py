@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import FULLRES, KERMANY224, needs_shared
-from pneumo.data.images import _draft, decode_all, load_image
+from pneumo.data.images import DRAFT_MARGIN, _draft, decode_all, load_image
 from pneumo.errors import BadImageError
 
 
@@ -159,7 +159,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
 
 def test_colour_jpegs_decode_straight_to_luma_like_a_grey_conversion(tmp_path, monkeypatch):
     # The decoder's luma channel is what convert("L") computes from the decoded RGB, up to rounding:
-    # for files below and above the size at which the DCT-domain reduction starts.
+    # for files below and above the size at which the DCT-domain reduction starts. The reference
+    # decodes colour as colour, reduced in the DCT domain as far (so that only the luma differs).
     rng = np.random.default_rng(0)
     for side in (300, 900):
         rgb = rng.integers(0, 256, (side // 30, side // 30, 3), dtype=np.uint8)
@@ -167,8 +168,10 @@ def test_colour_jpegs_decode_straight_to_luma_like_a_grey_conversion(tmp_path, m
         with Image.open(path) as im:
             _draft(im, 224)
             assert im.mode == "L"  # the decoder itself is asked for luma, before a pixel is decoded
+            reduced_to = im.size
+        assert reduced_to == ((side, side) if side < DRAFT_MARGIN * 224 else (side // 2, side // 2))
         ours = load_image(path, 224).astype(float)
         with monkeypatch.context() as m:
-            m.setattr("pneumo.data.images._draft", lambda im, size: None)
+            m.setattr("pneumo.data.images._draft", lambda im, size, to=reduced_to: im.draft(None, to))
             grey = load_image(path, 224).astype(float)
         assert np.abs(ours - grey).mean() < 0.5 and np.abs(ours - grey).max() <= 2, side

@@ -23,7 +23,7 @@ from pneumo.errors import BadImageError
 from pneumo.logs import log
 
 # Bump when decoding changes in a way that changes pixels, so that old entries are not reused.
-DECODER_VERSION = 5
+DECODER_VERSION = 6
 
 
 def default_cache_dir() -> Path:
