@@ -36,6 +36,7 @@ import functools
 import torch
 from torch import nn
 
+from pneumo.kernels import load, set_threads
 from pneumo.logs import log
 
 
@@ -79,25 +80,15 @@ def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) 
 
 @functools.cache
 def kernels():
-    """The numba kernels, or None where they cannot run well (then the standard modules run): without
-    numba, or without an OpenMP or TBB runtime for numba's threads. Numba's fallback threads wait by
-    spinning and yielding, which takes turns from torch's threads: slower than not fusing at all."""
-    try:
+    """The numba kernels (`pneumo.kernels.load`), or None: then the standard modules run."""
+    fused_kernels = load("pneumo.fused_kernels")
+    if fused_kernels is not None:
         import numba
 
-        try:
-            from numba.np.ufunc import omppool  # noqa: F401 (it loads only where libgomp is installed)
-        except ImportError:
-            from numba.np.ufunc import tbbpool  # noqa: F401
-        from pneumo import fused_kernels
-    except ImportError:
-        return None
-    if numba.config.THREADING_LAYER == "workqueue":
-        return None
-    log.info(
-        "training steps on the CPU run fused blocks (numba %s: compiled at the first step after installing)",
-        numba.__version__,
-    )
+        log.info(
+            "training steps on the CPU run fused blocks (numba %s: compiled at the first step after installing)",
+            numba.__version__,
+        )
     return fused_kernels
 
 
@@ -164,7 +155,7 @@ class _Stem(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, stride, eps, running_mean):
         k = kernels()
-        _set_threads()
+        set_threads()
         n, _, h, w = x.shape
         channels, out_h, out_w = weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1
         # The kernel pools maxima: where BatchNorm's scale is negative, the block's maximum is the
@@ -192,7 +183,7 @@ class _Stem(torch.autograd.Function):
     def backward(ctx, grad_z, _grad_mean, _grad_var):
         xph, w9, pooled, code, z, sign, shift = ctx.saved_tensors
         k, norm = kernels(), ctx.norm
-        _set_threads()
+        set_threads()
         n, channels, hp, _ = pooled.shape
         sums, routed, gram = torch.empty(n * hp, 2, channels), torch.empty(n * hp, channels, 9), torch.empty(n * hp, 54)
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
@@ -225,7 +216,7 @@ class _BnPoolRelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, gamma, beta, eps, running_mean):
         k = kernels()
-        _set_threads()
+        set_threads()
         y = y.detach().contiguous(memory_format=torch.channels_last)
         n, c, h, w = y.shape
         sign = torch.where(gamma >= 0, 1.0, -1.0).to(torch.float32)
@@ -248,7 +239,7 @@ class _BnPoolRelu(torch.autograd.Function):
     def backward(ctx, grad_z, _grad_mean, _grad_var):
         y, pooled, code, z, shift = ctx.saved_tensors
         k, norm = kernels(), ctx.norm
-        _set_threads()
+        set_threads()
         g = torch.empty_like(pooled)
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
@@ -281,10 +272,3 @@ def _phase_split(x: torch.Tensor, stride: int) -> torch.Tensor:
 def _nhwc(t: torch.Tensor):
     """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view, any strides)."""
     return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def _set_threads() -> None:
-    """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS)."""
-    import numba
-
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from pneumo import fused
+from pneumo import fused, winograd
 from pneumo.config import ModelConfig
 
 # Fixed input normalization, part of the model so that every backend (torch, NumPy, exports) agrees.
@@ -47,9 +47,13 @@ class SmallCNN(nn.Module):
         its members."""
         for i in range(0, len(self.features), 4):
             conv, bn, relu, pool = self.features[i : i + 4]
-            # Training steps on the CPU run fused kernels (`pneumo.fused`); the rest runs the modules.
+            # Training steps on the CPU run fused kernels (`pneumo.fused`), inference on the CPU runs
+            # Winograd's convolutions (`pneumo.winograd`); the rest runs the modules.
             if fused.covers_stem(x, conv, bn, pool):
                 x = fused.stem_block(x, conv, bn)
+                continue
+            if winograd.covers(x, conv, bn, pool):
+                x = winograd.conv_pool_relu(x, conv)
                 continue
             y = conv(x)
             if fused.covers(y, bn, pool):

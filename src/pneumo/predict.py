@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo import __version__
+from pneumo import __version__, winograd
 from pneumo.checkpoint import TrainedModel
 from pneumo.config import DataConfig, config_hash
 from pneumo.data.folder import IMAGE_SUFFIXES
@@ -34,6 +34,7 @@ from pneumo.export import is_torchscript, load_torchscript
 from pneumo.fileio import FileLock, file_sha256
 from pneumo.labels import NORMAL, PNEUMONIA
 from pneumo.logs import log
+from pneumo.models import SmallCNN
 from pneumo.progress import progress
 
 COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config"]
@@ -125,13 +126,12 @@ class Summary:
 
 def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, options: PredictOptions) -> Summary:
     """Score every image file named by `inputs` (this shard's share) that `out` does not hold yet."""
+    scorer = _Scorer.ready(model, resolve_device(options.device), options.batch_size)
     start = time.perf_counter()
     found = find_images(inputs)
     files = [path for path, key in found.items() if options.shard.holds(key)]
     if not found:
         raise PneumoError(f"no image files found in {', '.join(inputs)}")
-    device = resolve_device(options.device)
-    scorer = _Scorer(model, prepare(model.network, device), device, options.batch_size)
     scores = ScoresCsv(out)
     busy = "another pneumo-predict (pid {pid}) is writing " + str(scores.target) + "; try again when it has finished"
     with FileLock(scores.lock_file, busy):
@@ -190,6 +190,17 @@ class _Scorer:
     network: nn.Module
     device: torch.device
     batch_size: int
+
+    @classmethod
+    def ready(cls, model: InferenceModel, device: torch.device, batch_size: int) -> _Scorer:
+        """A scorer whose network is on `device` and, on a CPU, whose kernels are loaded (numba compiles
+        them at the first run after installing): start-up, before the first file is read."""
+        start = time.perf_counter()
+        network = prepare(model.network, device)
+        if device.type == "cpu" and any(isinstance(m, SmallCNN) for m in network.modules()):
+            winograd.kernels()
+        log.info("model ready on %s in %.1f s", device, time.perf_counter() - start)
+        return cls(model, network, device, batch_size)
 
     def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
         ok = [i for i in range(len(paths)) if i not in errors]

@@ -1,0 +1,114 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumo import winograd
+from pneumo.models import SmallCNN
+
+
+def conv_with_bias(c_in: int, c_out: int, seed: int = 0) -> nn.Conv2d:
+    """A folded block's convolution: biased, weights on the scale of a trained network's."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 3, 1, 1).requires_grad_(False)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / (9 * c_in)) ** 0.5)
+    conv.bias.copy_(torch.randn(c_out, generator=gen) * 0.1)
+    return conv.to(memory_format=torch.channels_last)
+
+
+def reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """relu(maxpool2x2(conv(x))) by torch's operators in float64."""
+    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    return torch.relu(F.max_pool2d(y, 2))
+
+
+@pytest.mark.parametrize(
+    "n, c_in, c_out, h, w",
+    [(3, 16, 32, 56, 56), (2, 32, 64, 28, 28), (2, 64, 128, 14, 14), (2, 5, 7, 7, 9), (1, 1, 1, 2, 2)],
+    ids=lambda v: str(v),
+)
+def test_the_winograd_block_is_the_direct_convolution_pooled_up_to_rounding(monkeypatch, n, c_in, c_out, h, w):
+    """The recipe's three shapes, an edge that is no multiple of the 4x4 tiles (14), odd and unequal
+    sides, the smallest input; chunks of one image, so that several chunks and a last one run."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+    conv = conv_with_bias(c_in, c_out)
+    x = torch.randn(n, c_in, h, w, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode():
+        assert winograd.covers(x, conv, nn.Identity(), nn.MaxPool2d(2))
+        out = winograd.conv_pool_relu(x, conv)
+    expected = reference(x, conv)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert expected.numel() == 1 or ((expected > 0).any() and (expected == 0).any())  # the ReLU had work to do
+
+
+def test_chunks_of_any_size_give_the_same_numbers(monkeypatch):
+    conv = conv_with_bias(8, 16)
+    x = torch.randn(7, 8, 20, 20, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        whole = winograd.conv_pool_relu(x, conv)
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", 36 * 25 * 24 * 4 * 3)  # three images a chunk: 3, 3, 1
+        assert torch.equal(winograd.conv_pool_relu(x, conv), whole)
+
+
+def test_a_nan_in_the_input_is_never_hidden():
+    """Winograd's transforms spread a NaN over its whole tile, so more outputs may be NaN than torch's;
+    every output that torch makes NaN must be NaN here too, never a number."""
+    conv = conv_with_bias(4, 4)
+    x = torch.rand(1, 4, 12, 12)
+    x[0, 2, 5, 6] = float("nan")
+    with torch.inference_mode():
+        out = winograd.conv_pool_relu(x, conv)
+    expected = reference(x, conv)
+    assert expected.isnan().any() and out[expected.isnan()].isnan().all()
+
+
+def test_a_changed_weight_is_transformed_again():
+    conv = conv_with_bias(4, 4)
+    x = torch.rand(1, 4, 8, 8)
+    with torch.inference_mode():
+        before = winograd.conv_pool_relu(x, conv)
+    with torch.no_grad():
+        conv.weight.mul_(-1)
+    with torch.inference_mode():
+        after = winograd.conv_pool_relu(x, conv)
+    assert not torch.equal(before, after)
+    assert (after.double() - reference(x, conv)).abs().max() <= 1e-5 * reference(x, conv).abs().max()
+
+
+def test_only_inference_of_a_folded_block_on_the_cpu_is_covered(monkeypatch):
+    conv, x, pool = conv_with_bias(4, 8), torch.rand(2, 4, 8, 8), nn.MaxPool2d(2)
+    with torch.inference_mode():
+        assert winograd.covers(x, conv, nn.Identity(), pool)
+        assert not winograd.covers(x, conv, nn.BatchNorm2d(8), pool)  # not folded
+        assert not winograd.covers(x.double(), conv, nn.Identity(), pool)
+        assert not winograd.covers(x, conv, nn.Identity(), nn.MaxPool2d(3))
+        assert not winograd.covers(x, nn.Conv2d(4, 8, 3, 2, 1), nn.Identity(), pool)  # strided
+        assert not winograd.covers(x, nn.Conv2d(4, 8, 3, 1, 1, bias=False), nn.Identity(), pool)
+        assert not winograd.covers(x[..., :1, :], conv, nn.Identity(), pool)  # nothing to pool
+        monkeypatch.setattr(winograd, "kernels", lambda: None)  # numba missing: torch's operators
+        assert not winograd.covers(x, conv, nn.Identity(), pool)
+    assert not winograd.covers(x, conv, nn.Identity(), pool)  # autograd on
+
+
+def test_a_folded_network_scores_as_with_torchs_convolutions(monkeypatch):
+    """The recipe's network, folded, at 224x224: Winograd runs in every block but the first, and the
+    logits are those of torch's operators up to rounding."""
+    torch.manual_seed(0)
+    network = SmallCNN([16, 32, 64, 128])
+    network.train()
+    with torch.no_grad():
+        network(torch.rand(8, 1, 224, 224))  # BatchNorm statistics that are not the identity
+    folded = network.folded().to(memory_format=torch.channels_last)
+    x = torch.rand(5, 1, 224, 224)
+    calls = []
+    run = winograd.conv_pool_relu
+    monkeypatch.setattr(winograd, "conv_pool_relu", lambda x, conv: calls.append(conv) or run(x, conv))
+    with torch.inference_mode():
+        ours = folded(x)
+        monkeypatch.setattr(winograd, "ENABLED", False)
+        torchs = folded(x)
+    assert calls == [folded.features[i] for i in (4, 8, 12)]
+    assert (ours - torchs).abs().max() <= 1e-4 * torchs.abs().max()
