@@ -265,3 +265,17 @@ def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatc
         seen.append(len(pulled))
         assert len(images) == len(part) and not errors
     assert seen == [1, 2, 3] and pulled == [2, 2, 2]
+
+
+def test_the_model_is_made_ready_only_when_there_is_something_to_score(tmp_path, checkpoint, monkeypatch, capsys):
+    """Getting the model ready (on a CPU, loading the kernels) is start-up: reported on its own, kept out of
+    the rate, and skipped by a re-run with nothing new."""
+    make_images(tmp_path / "imgs", 3)
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]
+    made_ready = []
+    ready = predict_module._Scorer.ready
+    monkeypatch.setattr(predict_module._Scorer, "ready", lambda *a: made_ready.append(1) or ready(*a))
+    assert predict_main(args) == 0 and made_ready == [1]
+    assert "3 scored" in capsys.readouterr().out.splitlines()[-1]
+    assert predict_main(args) == 0 and made_ready == [1]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(0.0 images/s), model ready in 0.0 s")

@@ -112,21 +112,22 @@ class Summary:
     already_done: int
     scored: int
     bad: int
-    seconds: float
+    seconds: float  # listing, decoding, scoring and writing: the rate is images scored per second of these
     shard: Shard = Shard()
+    startup: float = 0.0  # getting the model ready to score (on a CPU, loading its kernels)
 
     def line(self, out: Path) -> str:
         rate = self.scored / self.seconds if self.seconds else 0.0
         share = f"shard {self.shard}: " if self.shard.n > 1 else ""
         return (
             f"{share}{self.total} files: {self.scored} scored, {self.bad} unusable, {self.already_done} already in "
-            f"{out}; {self.seconds:.1f} s ({rate:.1f} images/s)"
+            f"{out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in {self.startup:.1f} s"
         )
 
 
 def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, options: PredictOptions) -> Summary:
     """Score every image file named by `inputs` (this shard's share) that `out` does not hold yet."""
-    scorer = _Scorer.ready(model, resolve_device(options.device), options.batch_size)
+    device = resolve_device(options.device)
     start = time.perf_counter()
     found = find_images(inputs)
     files = [path for path, key in found.items() if options.shard.holds(key)]
@@ -146,13 +147,17 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
             len(todo),
             model.model_id,
         )
+        # Only a run with files to score gets its model ready: a nightly job with nothing new stays quick.
+        scorer = _Scorer.ready(model, device, options.batch_size) if todo else None
         bad = 0
         with scores.appending() as append:
             for paths, (images, errors) in decoded_batches(todo, options.batch_size * DECODE_BATCHES, model):
                 rows = scorer.rows(paths, images, errors)
                 bad += sum(1 for r in rows if r[4])
                 append(rows)
-    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, time.perf_counter() - start, options.shard)
+    startup = scorer.startup if scorer else 0.0
+    seconds = time.perf_counter() - start - startup
+    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, seconds, options.shard, startup)
 
 
 # Files are decoded this many scoring batches at a time, the next block while the current one is
@@ -190,17 +195,17 @@ class _Scorer:
     network: nn.Module
     device: torch.device
     batch_size: int
+    startup: float = 0.0
 
     @classmethod
     def ready(cls, model: InferenceModel, device: torch.device, batch_size: int) -> _Scorer:
         """A scorer whose network is on `device` and, on a CPU, whose kernels are loaded (numba compiles
-        them at the first run after installing): start-up, before the first file is read."""
+        them at the first run after installing), before the first file is decoded."""
         start = time.perf_counter()
         network = prepare(model.network, device)
         if device.type == "cpu" and any(isinstance(m, SmallCNN) for m in network.modules()):
             winograd.kernels()
-        log.info("model ready on %s in %.1f s", device, time.perf_counter() - start)
-        return cls(model, network, device, batch_size)
+        return cls(model, network, device, batch_size, time.perf_counter() - start)
 
     def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
         ok = [i for i in range(len(paths)) if i not in errors]
