@@ -31,13 +31,10 @@ standard modules.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from pneumo.kernels import load, set_threads
-from pneumo.logs import log
 
 
 def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
@@ -78,18 +75,9 @@ def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) 
     return kernels() is not None
 
 
-@functools.cache
 def kernels():
     """The numba kernels (`pneumo.kernels.load`), or None: then the standard modules run."""
-    fused_kernels = load("pneumo.fused_kernels")
-    if fused_kernels is not None:
-        import numba
-
-        log.info(
-            "training steps on the CPU run fused blocks (numba %s: compiled at the first step after installing)",
-            numba.__version__,
-        )
-    return fused_kernels
+    return load("pneumo.fused_kernels", "training steps on the CPU run fused blocks")
 
 
 def stem_block(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:

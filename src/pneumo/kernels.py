@@ -8,13 +8,15 @@ from types import ModuleType
 
 import torch
 
+from pneumo.logs import log
+
 
 @functools.cache
-def load(module: str) -> ModuleType | None:
+def load(module: str, purpose: str) -> ModuleType | None:
     """The kernel module `module`, imported (which compiles its kernels, or loads them from numba's cache),
     or None where they cannot run well: without numba, or without an OpenMP or TBB runtime for numba's
     threads. Numba's fallback threads wait by spinning and yielding, which takes turns from torch's
-    threads: slower than torch's own operators."""
+    threads: slower than torch's own operators. Loaded, `purpose` is logged once."""
     try:
         import numba
 
@@ -25,7 +27,10 @@ def load(module: str) -> ModuleType | None:
         kernels = importlib.import_module(module)
     except ImportError:
         return None
-    return None if numba.config.THREADING_LAYER == "workqueue" else kernels
+    if numba.config.THREADING_LAYER == "workqueue":
+        return None
+    log.info("%s (numba %s: compiled at their first use after installing)", purpose, numba.__version__)
+    return kernels
 
 
 def set_threads() -> None:

@@ -17,7 +17,6 @@ The results are the direct convolution's up to rounding (tests/test_winograd.py)
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import numpy as np
@@ -25,7 +24,6 @@ import torch
 from torch import nn
 
 from pneumo.kernels import load, set_threads
-from pneumo.logs import log
 
 # False runs torch's operators everywhere (to compare the two).
 ENABLED = True
@@ -56,13 +54,9 @@ def covers(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> 
     return kernels() is not None
 
 
-@functools.cache
 def kernels():
     """The numba kernels, or None where they cannot run well (`pneumo.kernels.load`)."""
-    winograd_kernels = load("pneumo.winograd_kernels")
-    if winograd_kernels is not None:
-        log.info("inference on the CPU runs Winograd convolutions (numba: compiled at the first run after installing)")
-    return winograd_kernels
+    return load("pneumo.winograd_kernels", "inference on the CPU runs Winograd's convolutions")
 
 
 def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
