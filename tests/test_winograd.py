@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +116,24 @@ def test_a_folded_network_scores_as_with_torchs_convolutions(monkeypatch):
         torchs = folded(x)
     assert calls == [folded.features[i] for i in (4, 8, 12)]
     assert (ours - torchs).abs().max() <= 1e-4 * torchs.abs().max()
+
+
+def test_kernels_just_compiled_round_as_the_cached_ones(tmp_path):
+    """numba compiles the kernels at the first run after installing and loads them from its cache later:
+    both must give the same bits, or a model would score differently on its first run."""
+    script = (
+        "import hashlib, torch\n"
+        "from pneumo import winograd\n"
+        "conv = torch.nn.Conv2d(16, 32, 3, 1, 1).requires_grad_(False)\n"
+        "torch.manual_seed(0); conv.weight.normal_(); conv.bias.normal_()\n"
+        "x = torch.randn(3, 16, 28, 28, generator=torch.Generator().manual_seed(1))\n"
+        "with torch.inference_mode():\n"
+        "    print(hashlib.sha256(winograd.conv_pool_relu(x, conv).numpy().tobytes()).hexdigest())\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    fresh, cached = (
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True) for _ in "ab"
+    )
+    assert fresh.returncode == cached.returncode == 0, fresh.stderr + cached.stderr
+    assert any((tmp_path / "numba").rglob("*.nbc"))  # the second run did load from the cache
+    assert fresh.stdout == cached.stdout

@@ -21,8 +21,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# Reassociation lets the loops vectorize; no nnan/ninf, so NaN propagates through the pool as in torch.
-FAST = {"reassoc", "contract", "arcp", "nsz"}
+# No reassociation or contraction into FMAs: with them, the kernels numba had just compiled and the
+# same kernels loaded from its cache rounded differently, so a model scored differently at the first
+# run after installing. No nnan/ninf either, so NaN propagates through the pool as in torch.
+FAST = {"arcp", "nsz"}
 # float32 constants, so that the transforms stay in float32 (a literal integer would promote to float64)
 _2, _4, _5, _8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
 
