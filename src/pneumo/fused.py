@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumo.kernels import load, set_threads
+from pneumo.kernels import load, nhwc, plain_2x2, set_threads
 
 
 def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
@@ -68,7 +68,7 @@ def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) 
         return False
     if type(bn) is not nn.BatchNorm2d or not (bn.affine and bn.track_running_stats) or bn.momentum is None:
         return False
-    if (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) != (2, 2, 0, 1, False):
+    if not plain_2x2(pool):
         return False
     if shape[0] == 0 or shape[-2] % 2 or shape[-1] % 2 or min(shape[-2:]) == 0:
         return False
@@ -120,7 +120,7 @@ class _Norm:
     def affine_relu(self, pooled: torch.Tensor) -> torch.Tensor:
         """relu(scale * pooled + bias) of a channels_last tensor."""
         z = torch.empty_like(pooled)
-        kernels().affine_relu(_nhwc(pooled), self.scale.float().numpy(), self.bias.float().numpy(), _nhwc(z))
+        kernels().affine_relu(nhwc(pooled), self.scale.float().numpy(), self.bias.float().numpy(), nhwc(z))
         return z
 
     def backward_terms(self, dbeta_rows, dot_rows):
@@ -156,7 +156,7 @@ class _Stem(torch.autograd.Function):
         code = torch.empty(pooled.shape, dtype=torch.uint8)
         sums, sumsq = torch.empty(2, n * pooled.shape[2], channels)
         k.stem_forward(
-            xph.numpy(), w9.numpy(), stride, shift.numpy(), _nhwc(pooled), code.numpy(), sums.numpy(), sumsq.numpy()
+            xph.numpy(), w9.numpy(), stride, shift.numpy(), nhwc(pooled), code.numpy(), sums.numpy(), sumsq.numpy()
         )
         # In the sign-adjusted units BatchNorm's scale is |gamma| / sigma.
         norm = _Norm(sums, sumsq, shift, n * out_h * out_w, gamma.abs(), beta, eps)
@@ -175,8 +175,8 @@ class _Stem(torch.autograd.Function):
         n, channels, hp, _ = pooled.shape
         sums, routed, gram = torch.empty(n * hp, 2, channels), torch.empty(n * hp, channels, 9), torch.empty(n * hp, 54)
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
-        saved = (_nhwc(z), _nhwc(pooled), code.numpy(), shift.numpy())
-        k.stem_backward(xph.numpy(), ctx.stride, _nhwc(grad_z), saved, (sums.numpy(), routed.numpy(), gram.numpy()))
+        saved = (nhwc(z), nhwc(pooled), code.numpy(), shift.numpy())
+        k.stem_backward(xph.numpy(), ctx.stride, nhwc(grad_z), saved, (sums.numpy(), routed.numpy(), gram.numpy()))
         dbeta, dgamma, alpha, beta = norm.backward_terms(sums[:, 0], sums[:, 1])
         dw = _stem_weight_grad(routed, gram, w9, norm.shift, (alpha, beta)) * (norm.scale * sign)[:, None]
         return None, dw.float().view(-1, 1, 3, 3), (dgamma * sign).float(), dbeta.float(), None, None, None
@@ -212,9 +212,7 @@ class _BnPoolRelu(torch.autograd.Function):
         pooled = torch.empty(n, c, h // 2, w // 2, memory_format=torch.channels_last)
         code = torch.empty(pooled.shape, dtype=torch.uint8, memory_format=torch.channels_last)
         sums, sumsq = torch.empty(2, n * (h // 2), c)
-        k.bn_pool_forward(
-            _nhwc(y), sign.numpy(), shift.numpy(), _nhwc(pooled), _nhwc(code), sums.numpy(), sumsq.numpy()
-        )
+        k.bn_pool_forward(nhwc(y), sign.numpy(), shift.numpy(), nhwc(pooled), nhwc(code), sums.numpy(), sumsq.numpy())
         norm = _Norm(sums, sumsq, shift, n * h * w, gamma, beta, eps)
         z = norm.affine_relu(pooled)
         ctx.norm = norm
@@ -231,18 +229,16 @@ class _BnPoolRelu(torch.autograd.Function):
         g = torch.empty_like(pooled)
         dbeta_rows, dot_rows = torch.empty(2, g.shape[0] * g.shape[2], g.shape[1])
         grad_z = grad_z.contiguous(memory_format=torch.channels_last)  # one layout: one compiled kernel
-        k.pooled_grad(
-            _nhwc(grad_z), _nhwc(z), _nhwc(pooled), shift.numpy(), _nhwc(g), dbeta_rows.numpy(), dot_rows.numpy()
-        )
+        k.pooled_grad(nhwc(grad_z), nhwc(z), nhwc(pooled), shift.numpy(), nhwc(g), dbeta_rows.numpy(), dot_rows.numpy())
         dbeta, dgamma, alpha, beta = norm.backward_terms(dbeta_rows, dot_rows)
         grad_y = torch.empty_like(y)
         k.bn_pool_input_grad(
-            _nhwc(y),
-            _nhwc(code),
-            _nhwc(g),
+            nhwc(y),
+            nhwc(code),
+            nhwc(g),
             norm.scale.float().numpy(),
             (shift.numpy(), alpha.float().numpy(), beta.float().numpy()),
-            _nhwc(grad_y),
+            nhwc(grad_y),
         )
         return grad_y, dgamma.float(), dbeta.float(), None, None
 
@@ -255,8 +251,3 @@ def _phase_split(x: torch.Tensor, stride: int) -> torch.Tensor:
     xph = torch.empty(n, period, h + 2, -(-(w + 2) // period))
     kernels().phase_split(x.detach().reshape(n, h, w).contiguous().numpy(), period, xph.numpy())
     return xph
-
-
-def _nhwc(t: torch.Tensor):
-    """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view, any strides)."""
-    return t.detach().permute(0, 2, 3, 1).numpy()

@@ -1,4 +1,5 @@
-"""Loading pneumo's numba kernels where they run well, with as many threads as torch uses."""
+"""Loading pneumo's numba kernels where they run well, with as many threads as torch uses, and what
+the kernels' callers share: the pooling they fuse, and tensors handed over as NumPy arrays."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import functools
 import importlib
 from types import ModuleType
 
+import numpy as np
 import torch
+from torch import nn
 
 from pneumo.logs import log
 
@@ -38,3 +41,14 @@ def set_threads() -> None:
     import numba
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def plain_2x2(pool: nn.MaxPool2d) -> bool:
+    """Whether `pool` is the plain 2x2 max-pool (stride 2, no padding or dilation, floor mode) that the
+    kernels and the index-free pooling compute."""
+    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (2, 2, 0, 1, False)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view, any strides)."""
+    return t.detach().permute(0, 2, 3, 1).numpy()

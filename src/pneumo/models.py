@@ -9,6 +9,7 @@ from torch import nn
 
 from pneumo import fused, winograd
 from pneumo.config import ModelConfig
+from pneumo.kernels import plain_2x2
 
 # Fixed input normalization, part of the model so that every backend (torch, NumPy, exports) agrees.
 INPUT_MEAN, INPUT_STD = 0.5, 0.25
@@ -114,9 +115,8 @@ def _max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     """pool(x), which for 2x2 windows without autograd is the maximum over row pairs, then over column
     pairs: the same values without writing the index of each maximum that max_pool2d keeps for a
     backward pass, which takes half of its time on the largest activations."""
-    plain_2x2 = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (2, 2, 0, 1, False)
     # Traced and compiled graphs (exports, torch.compile) keep the one standard operator.
-    if torch.is_grad_enabled() or not plain_2x2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or not plain_2x2(pool) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return pool(x)
     x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # max_pool2d drops an odd last row or column
     rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])

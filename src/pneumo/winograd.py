@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo.kernels import load, set_threads
+from pneumo.kernels import load, nhwc, plain_2x2, set_threads
 
 # False runs torch's operators everywhere (to compare the two).
 ENABLED = True
@@ -45,7 +45,7 @@ def covers(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> 
         return False
     if type(bn) is not nn.Identity or type(pool) is not nn.MaxPool2d:
         return False
-    if (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) != (2, 2, 0, 1, False):
+    if not plain_2x2(pool):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
         return False
@@ -64,7 +64,7 @@ def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     n, c, h, w = x.shape
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
     out = torch.empty(n, conv.out_channels, h // 2, w // 2, memory_format=torch.channels_last)
-    source, target = _nhwc(x.contiguous(memory_format=torch.channels_last)), _nhwc(out)
+    source, target = nhwc(x.contiguous(memory_format=torch.channels_last)), nhwc(out)
     u, bias = transformed_weight(conv), conv.bias.detach().contiguous().numpy()
     k = kernels()
     set_threads()
@@ -92,8 +92,3 @@ def transformed_weight(conv: nn.Conv2d) -> torch.Tensor:
         if stamp is not None:
             _transformed[conv] = kept
     return kept[1]
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view)."""
-    return t.detach().permute(0, 2, 3, 1).numpy()
