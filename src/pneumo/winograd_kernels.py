@@ -9,11 +9,11 @@ runs; these kernels compute B^T d B for every tile (`input_tiles`) and A^T M A f
 (`output_pool_relu`), which also adds the bias, takes each 2x2 window's maximum and the ReLU, so
 that the full-resolution output is never written.
 
-Layouts: images are channels_last (N, H, W, C) with C contiguous, so every inner loop runs over
-channels and vectorizes. Tile (ty, tx) of image n covers output rows 4 ty to 4 ty + 3 and reads input
-rows 4 ty - 1 to 4 ty + 4 (outside the image: zeros, the convolution's padding); tiles are numbered
-p = (n * tiles_h + ty) * tiles_w + tx. Transformed arrays are (36, P, C): entry 6 i + j of the 6 x 6
-transform, then tile, then channel.
+Layouts: images are channels_last (N, H, W, C) with C contiguous. The kernels work a row of tiles at
+a time, in loops over (tile, channel) long enough to vectorize. Tile (ty, tx) of image n covers output
+rows 4 ty to 4 ty + 3 and reads input rows 4 ty - 1 to 4 ty + 4 (outside the image: zeros, the
+convolution's padding); tiles are numbered p = (n * tiles_h + ty) * tiles_w + tx. Transformed arrays
+are (36, P, C): entry 6 i + j of the 6 x 6 transform, then tile, then channel.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from numba import njit, prange
 FAST = {"arcp", "nsz"}
 # float32 constants, so that the transforms stay in float32 (a literal integer would promote to float64)
 _2, _4, _5, _8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
+# Computed indices go through _u: numba wraps a negative signed index around, and that check, on an
+# index whose sign the compiler cannot prove, keeps a loop from vectorizing. Unsigned, it has none.
+_u = np.uint64
 
 # The signatures are declared so that the kernels compile (or load from numba's cache) when this
 # module is imported, not at a first call in the middle of a run.
@@ -73,28 +76,36 @@ def _relu(v):
 def input_tiles(x, tiles_h, tiles_w, out):
     """out[6 i + j, p] = (B^T d B)[i, j] for every tile p of x (N, H, W, C); every element written."""
     n_img, h, w, c = x.shape
+    span = (tiles_w + 1) * c
+    pixels = x.reshape((n_img, h, w * c))
+    tiles = out.reshape((36, out.shape[1] * c))
     for row in prange(n_img * tiles_h):
         n, ty = row // tiles_h, row % tiles_h
-        # The six input rows this row of tiles reads, zero-padded: the tiles then need no bounds checks.
-        s = np.zeros((6, 4 * tiles_w + 2, c), np.float32)
+        # The six input rows this row of tiles reads, zero-padded and split into four phases: input
+        # column 4 g - 1 + m is at d[i, m * span + g * c]. Column j (0 to 5) of tile tx is then phase
+        # j % 4 of group tx + j // 4, so each step below is one long loop over (tile, channel) that
+        # vectorizes, where a loop over one tile's channels is too short to.
+        d = np.zeros((6, 4 * span), np.float32)
         for i in range(6):
             r = 4 * ty - 1 + i
             if 0 <= r < h:
-                s[i, 1 : w + 1] = x[n, r]
-        t = np.empty((6, 6, c), np.float32)  # B^T d: t[i, j] is row i of the transform, column j
-        for tx in range(tiles_w):
-            p = row * tiles_w + tx
-            for j in range(6):
-                q = 4 * tx + j
-                for k in range(c):
-                    t0, t1, t2, t3, t4, t5 = _bt(s[0, q, k], s[1, q, k], s[2, q, k], s[3, q, k], s[4, q, k], s[5, q, k])
-                    t[0, j, k], t[1, j, k], t[2, j, k], t[3, j, k], t[4, j, k], t[5, j, k] = t0, t1, t2, t3, t4, t5
-            for i in range(6):
-                f = 6 * i
-                for k in range(c):
-                    v0, v1, v2, v3, v4, v5 = _bt(t[i, 0, k], t[i, 1, k], t[i, 2, k], t[i, 3, k], t[i, 4, k], t[i, 5, k])
-                    out[f, p, k], out[f + 1, p, k], out[f + 2, p, k] = v0, v1, v2
-                    out[f + 3, p, k], out[f + 4, p, k], out[f + 5, p, k] = v3, v4, v5
+                for q in range(w):
+                    at, src = ((q + 1) % 4) * span + ((q + 1) // 4) * c, q * c
+                    for k in range(c):
+                        d[i, _u(at + k)] = pixels[n, r, _u(src + k)]
+        t = np.empty((6, 4 * span), np.float32)  # B^T d, every column at once
+        for f in range(4 * span):
+            t0, t1, t2, t3, t4, t5 = _bt(d[0, f], d[1, f], d[2, f], d[3, f], d[4, f], d[5, f])
+            t[0, f], t[1, f], t[2, f], t[3, f], t[4, f], t[5, f] = t0, t1, t2, t3, t4, t5
+        first = row * tiles_w * c  # (B^T d) B, every tile at once: f = tx * c + k
+        for i in range(6):
+            fi = 6 * i
+            for f in range(tiles_w * c):
+                e0, e1, e2, e3 = t[i, f], t[i, _u(span + f)], t[i, _u(2 * span + f)], t[i, _u(3 * span + f)]
+                v0, v1, v2, v3, v4, v5 = _bt(e0, e1, e2, e3, t[i, _u(c + f)], t[i, _u(span + c + f)])
+                o = _u(first + f)
+                tiles[fi, o], tiles[fi + 1, o], tiles[fi + 2, o] = v0, v1, v2
+                tiles[fi + 3, o], tiles[fi + 4, o], tiles[fi + 5, o] = v3, v4, v5
 
 
 @njit(OUTPUT_SIGNATURE, parallel=True, cache=True, fastmath=FAST)
@@ -102,25 +113,31 @@ def output_pool_relu(m, bias, tiles_h, tiles_w, out):
     """out (N, Hp, Wp, K) = relu(maxpool2x2(A^T m A + bias)) for the products m (36, P, K): each 4x4 output
     tile holds four whole pooling windows. Windows past Hp, Wp (an odd or padded edge) are dropped."""
     n_img, hp, wp, k_out = out.shape
+    span = tiles_w * k_out
+    products = m.reshape((36, m.shape[1] * k_out))
+    pooled = out.reshape((n_img, hp, wp * k_out))
     for row in prange(n_img * tiles_h):
         n, ty = row // tiles_h, row % tiles_h
-        t = np.empty((4, 6, k_out), np.float32)  # A^T m: t[a, j] is output row a, column j of m A
-        for tx in range(tiles_w):
-            p = row * tiles_w + tx
-            for j in range(6):
-                for k in range(k_out):
-                    a0, a1, a2, a3 = _at(m[j, p, k], m[6 + j, p, k], m[12 + j, p, k],
-                                         m[18 + j, p, k], m[24 + j, p, k], m[30 + j, p, k])  # fmt: skip
-                    t[0, j, k], t[1, j, k], t[2, j, k], t[3, j, k] = a0, a1, a2, a3
-            left, right = 2 * tx, 2 * tx + 1
-            for a in range(2):
-                py, u, d = 2 * ty + a, 2 * a, 2 * a + 1
-                if py >= hp:
+        first = row * span
+        t = np.empty((4, 6, span), np.float32)  # A^T m, every tile of the row at once: f = tx * k_out + k
+        for j in range(6):
+            for f in range(span):
+                p = _u(first + f)
+                a0, a1, a2, a3 = _at(products[j, p], products[6 + j, p], products[12 + j, p],
+                                     products[18 + j, p], products[24 + j, p], products[30 + j, p])  # fmt: skip
+                t[0, j, f], t[1, j, f], t[2, j, f], t[3, j, f] = a0, a1, a2, a3
+        for a in range(2):
+            py, u, d = 2 * ty + a, 2 * a, 2 * a + 1
+            if py >= hp:
+                continue
+            for tx in range(tiles_w):
+                left, right = 2 * tx, 2 * tx + 1
+                if left >= wp:
                     continue
                 for k in range(k_out):
-                    y00, y01, y02, y03 = _at(t[u, 0, k], t[u, 1, k], t[u, 2, k], t[u, 3, k], t[u, 4, k], t[u, 5, k])
-                    y10, y11, y12, y13 = _at(t[d, 0, k], t[d, 1, k], t[d, 2, k], t[d, 3, k], t[d, 4, k], t[d, 5, k])
-                    if left < wp:
-                        out[n, py, left, k] = _relu(_max(_max(y00, y01), _max(y10, y11)) + bias[k])
+                    f = _u(tx * k_out + k)
+                    y00, y01, y02, y03 = _at(t[u, 0, f], t[u, 1, f], t[u, 2, f], t[u, 3, f], t[u, 4, f], t[u, 5, f])
+                    y10, y11, y12, y13 = _at(t[d, 0, f], t[d, 1, f], t[d, 2, f], t[d, 3, f], t[d, 4, f], t[d, 5, f])
+                    pooled[n, py, _u(left * k_out + k)] = _relu(_max(_max(y00, y01), _max(y10, y11)) + bias[k])
                     if right < wp:
-                        out[n, py, right, k] = _relu(_max(_max(y02, y03), _max(y12, y13)) + bias[k])
+                        pooled[n, py, _u(right * k_out + k)] = _relu(_max(_max(y02, y03), _max(y12, y13)) + bias[k])
