@@ -120,15 +120,19 @@ def test_a_folded_network_scores_as_with_torchs_convolutions(monkeypatch):
 
 def test_kernels_just_compiled_round_as_the_cached_ones(tmp_path):
     """numba compiles the kernels at the first run after installing and loads them from its cache later:
-    both must give the same bits, or a model would score differently on its first run."""
+    both must give the same bits, or a model would score differently on its first run. A folded network
+    runs every inference kernel: the fused first block (`pneumo.fused`) and Winograd's convolutions."""
     script = (
         "import hashlib, torch\n"
-        "from pneumo import winograd\n"
-        "conv = torch.nn.Conv2d(16, 32, 3, 1, 1).requires_grad_(False)\n"
-        "torch.manual_seed(0); conv.weight.normal_(); conv.bias.normal_()\n"
-        "x = torch.randn(3, 16, 28, 28, generator=torch.Generator().manual_seed(1))\n"
+        "from pneumo.models import SmallCNN\n"
+        "torch.manual_seed(0)\n"
+        "network = SmallCNN([8, 16, 32])\n"
+        "with torch.no_grad():\n"
+        "    network(torch.rand(4, 1, 64, 64))\n"
+        "folded = network.folded()\n"
+        "x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))\n"
         "with torch.inference_mode():\n"
-        "    print(hashlib.sha256(winograd.conv_pool_relu(x, conv).numpy().tobytes()).hexdigest())\n"
+        "    print(hashlib.sha256(folded.logit(x).numpy().tobytes()).hexdigest())\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     fresh, cached = (

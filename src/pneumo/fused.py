@@ -25,8 +25,10 @@ Two identities make that possible:
 The results are torch's up to rounding, gradients and running statistics included (the tests hold them
 to torch's modules run in float64). The statistics are summed relative to the running mean, and their
 per-row partial sums added in float64, so they come closer to exact than torch's float32 modules.
-Whatever this does not cover (evaluation, autocast, CUDA, another geometry, numba missing) runs the
-standard modules.
+At inference on the CPU, the first block of a folded network (BatchNorm folded into a biased
+convolution, `SmallCNN.folded`) runs fused too (`inference_stem`): its convolution a pooled row at a
+time, with the bias, the pool and the ReLU. Whatever this does not cover (autocast, CUDA, another
+geometry, numba missing) runs the standard modules.
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module
         return False
     out_shape = (x.shape[0], conv.out_channels, *((size - 1) // conv.stride[0] + 1 for size in x.shape[-2:]))
     return _covers(torch.Size(out_shape), x, bn, pool)
+
+
+def covers_inference_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
+    """Whether relu(pool(bn(conv(x)))) can run as `inference_stem`: without autograd, on the CPU in float32,
+    a one-channel 3x3 convolution with padding 1 and a bias (BatchNorm folded into it), a plain 2x2 max-pool."""
+    if not ENABLED or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    geometry = (conv.in_channels, conv.kernel_size, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    if type(conv) is not nn.Conv2d or geometry != (1, (3, 3), (1, 1), (1, 1), 1, "zeros") or conv.bias is None:
+        return False
+    if conv.stride[0] != conv.stride[1] or type(bn) is not nn.Identity or not plain_2x2(pool):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
+        return False
+    # A convolution output under 2x2 leaves nothing to pool (and max_pool2d refuses it).
+    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.shape[0] == 0 or min(x.shape[-2:]) <= conv.stride[0]:
+        return False
+    return kernels() is not None
 
 
 def covers(y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
@@ -77,7 +97,7 @@ def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) 
 
 def kernels():
     """The numba kernels (`pneumo.kernels.load`), or None: then the standard modules run."""
-    return load("pneumo.fused_kernels", "training steps on the CPU run fused blocks")
+    return load("pneumo.fused_kernels", "SmallCNN's blocks run fused on the CPU")
 
 
 def stem_block(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -86,6 +106,21 @@ def stem_block(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Te
     z, mean, var = _Stem.apply(x, conv.weight, bn.weight, bn.bias, conv.stride[0], bn.eps, bn.running_mean)
     _update_running_stats(bn, mean, var, x.shape[0] * z.shape[2] * z.shape[3] * 4)
     return z
+
+
+def inference_stem(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """relu(maxpool2x2(conv(x))), channels_last, for a first block that `covers_inference_stem` accepts."""
+    k = kernels()
+    set_threads()
+    n, _, h, w = x.shape
+    stride = conv.stride[0]
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    out = torch.empty(n, conv.out_channels, out_h // 2, out_w // 2, memory_format=torch.channels_last)
+    w9 = conv.weight.detach().reshape(conv.out_channels, 9).contiguous()
+    k.stem_inference(
+        _phase_split(x, stride).numpy(), w9.numpy(), conv.bias.detach().contiguous().numpy(), stride, nhwc(out)
+    )
+    return out
 
 
 def bn_pool_relu(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:

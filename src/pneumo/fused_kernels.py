@@ -9,6 +9,8 @@ results do not depend on the number of threads.
 - The other blocks (`bn_pool_*`): BatchNorm's statistics and the pool in one pass over a convolution's
   channels_last output, and its gradient in one pass backward.
 - Every block: BatchNorm's affine map and the ReLU on the pooled values (`affine_relu`).
+- At inference, the first block of a folded network (`stem_inference`): convolution with its bias,
+  pool and ReLU in one pass.
 
 Layouts: `xph` is the zero-padded image split by column phase, xph[n, p, r, m] = padded column
 `period * m + p` of row r, period = 2 * stride: then the input columns that any output column of one
@@ -23,9 +25,21 @@ from numba import njit, prange
 
 # Reassociation lets the sums vectorize; no nnan/ninf, so NaN propagates through the pool as in torch.
 FAST = {"reassoc", "contract", "arcp", "nsz"}
+# An index computed in a loop goes through _u: numba wraps a negative signed index around, and that check,
+# on an index whose sign the compiler cannot prove, keeps the loop from vectorizing. Unsigned, it has none.
+_u = np.uint64
+# Inference runs without reassociation or contraction into FMAs: with them, kernels numba had just
+# compiled rounded differently from the same kernels loaded from its cache (see pneumo.winograd_kernels).
+EXACT = {"arcp", "nsz"}
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+# Declared, so that they compile (or load from numba's cache) when this module is imported, not at a first
+# call in the middle of a run.
+PHASE_SPLIT_SIGNATURE = "void(float32[:, :, ::1], int64, float32[:, :, :, ::1])"
+STEM_INFERENCE_SIGNATURE = "void(float32[:, :, :, ::1], float32[:, ::1], float32[::1], int64, float32[:, :, :, ::1])"
+
+
+@njit(PHASE_SPLIT_SIGNATURE, parallel=True, cache=True, fastmath=FAST)
 def phase_split(x, period, out):
     """out (N, period, H + 2, M): x (N, H, W) zero-padded by one pixel and split by column phase, every
     element written (the padding's zeros too)."""
@@ -43,7 +57,7 @@ def phase_split(x, period, out):
             last = min(dest.shape[0], (w - p) // period + 1)
             dest[:first] = 0
             for m in range(first, last):
-                dest[m] = row[period * m + p - 1]
+                dest[m] = row[_u(period * m + p - 1)]
             dest[last:] = 0
 
 
@@ -304,3 +318,36 @@ def affine_relu(pooled, scale, bias, out):
             for c in range(c_out):
                 v = src[m, c] * scale[c] + bias[c]
                 dest[m, c] = v if v > 0 or v != v else np.float32(0)
+
+
+@njit(cache=True, fastmath=EXACT, inline="always")
+def _max(a, b):
+    """max(a, b), NaN if either is NaN (as max_pool2d)."""
+    return a if a >= b or a != a else b
+
+
+@njit(STEM_INFERENCE_SIGNATURE, parallel=True, cache=True, fastmath=EXACT)
+def stem_inference(xph, w, bias, stride, out):
+    """out (N, Hp, Wp, C), the channels_last order: relu(maxpool2x2(conv + bias)) of a folded first block,
+    the convolution computed a pooled row at a time as in `stem_forward`."""
+    n_img, hp, wp, c_out = out.shape
+    for t in prange(n_img * hp):
+        n, j = t // hp, t % hp
+        rows = np.empty((c_out, wp), np.float32)
+        y = np.empty((4, wp), np.float32)
+        y0, y1, y2, y3 = y[0], y[1], y[2], y[3]
+        t0, t1 = _taps(xph, n, j, 0, stride, wp), _taps(xph, n, j, 1, stride, wp)
+        t2, t3 = _taps(xph, n, j, 2, stride, wp), _taps(xph, n, j, 3, stride, wp)
+        for c in range(c_out):
+            _conv(t0, w, c, y0)
+            _conv(t1, w, c, y1)
+            _conv(t2, w, c, y2)
+            _conv(t3, w, c, y3)
+            b, row = bias[c], rows[c]
+            for m in range(wp):
+                v = _max(_max(y0[m], y1[m]), _max(y2[m], y3[m])) + b
+                row[m] = v if v > 0 or v != v else np.float32(0)
+        dest = out[n, j]
+        for m in range(wp):
+            for c in range(c_out):
+                dest[m, c] = rows[c, m]

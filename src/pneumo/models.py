@@ -48,10 +48,13 @@ class SmallCNN(nn.Module):
         its members."""
         for i in range(0, len(self.features), 4):
             conv, bn, relu, pool = self.features[i : i + 4]
-            # Training steps on the CPU run fused kernels (`pneumo.fused`), inference on the CPU runs
-            # Winograd's convolutions (`pneumo.winograd`); the rest runs the modules.
+            # Training steps on the CPU run fused kernels (`pneumo.fused`), inference on the CPU a fused
+            # first block and Winograd's convolutions (`pneumo.winograd`); the rest runs the modules.
             if fused.covers_stem(x, conv, bn, pool):
                 x = fused.stem_block(x, conv, bn)
+                continue
+            if fused.covers_inference_stem(x, conv, bn, pool):
+                x = fused.inference_stem(x, conv)
                 continue
             if winograd.covers(x, conv, bn, pool):
                 x = winograd.conv_pool_relu(x, conv)

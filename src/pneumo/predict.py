@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo import __version__, winograd
+from pneumo import __version__, fused, winograd
 from pneumo.checkpoint import TrainedModel
 from pneumo.config import DataConfig, config_hash
 from pneumo.data.folder import IMAGE_SUFFIXES
@@ -204,6 +204,7 @@ class _Scorer:
         start = time.perf_counter()
         network = prepare(model.network, device)
         if device.type == "cpu" and any(isinstance(m, SmallCNN) for m in network.modules()):
+            fused.kernels()
             winograd.kernels()
         return cls(model, network, device, batch_size, time.perf_counter() - start)
 
