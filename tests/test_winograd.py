@@ -141,3 +141,74 @@ def test_kernels_just_compiled_round_as_the_cached_ones(tmp_path):
     assert fresh.returncode == cached.returncode == 0, fresh.stderr + cached.stderr
     assert any((tmp_path / "numba").rglob("*.nbc"))  # the second run did load from the cache
     assert fresh.stdout == cached.stdout
+
+
+@pytest.mark.parametrize(
+    "n, c_in, c_out, h, w",
+    [(3, 16, 32, 56, 56), (2, 32, 64, 28, 28), (2, 64, 128, 14, 14), (2, 5, 7, 9, 13), (1, 3, 4, 2, 3)],
+    ids=lambda v: str(v),
+)
+def test_the_training_convolution_and_its_gradients_are_torchs_up_to_rounding(monkeypatch, n, c_in, c_out, h, w):
+    """Output, the input's gradient (by Winograd too) and the weight's, against torch in float64; chunks of
+    one image."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(n, c_in, h, w, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(n, c_out, h, w, generator=gen)
+    assert winograd.covers_conv(x, conv)
+    y = winograd.conv3x3(x, conv)
+    (y * grad).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w64, padding=1)
+    (y64 * grad.double()).sum().backward()
+    assert y.shape == y64.shape and y.is_contiguous(memory_format=torch.channels_last)
+    for ours, exact in ((y, y64), (x.grad, x64.grad), (conv.weight.grad, w64.grad)):
+        assert (ours.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_the_training_convolution_computes_only_the_gradients_asked_for():
+    conv = nn.Conv2d(4, 8, 3, 1, 1, bias=False)
+    x = torch.rand(2, 4, 8, 8)
+    winograd.conv3x3(x, conv).sum().backward()  # an input that needs no gradient
+    assert x.grad is None and conv.weight.grad is not None
+    conv.requires_grad_(False)
+    x.requires_grad_()
+    winograd.conv3x3(x, conv).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_only_a_plain_convolution_on_the_cpu_runs_in_training(monkeypatch):
+    conv, x = nn.Conv2d(4, 8, 3, 1, 1, bias=False), torch.rand(2, 4, 8, 8)
+    assert winograd.covers_conv(x, conv)
+    assert not winograd.covers_conv(x, nn.Conv2d(4, 8, 3, 1, 1))  # biased: a folded block's (conv_pool_relu)
+    assert not winograd.covers_conv(x, nn.Conv2d(4, 8, 3, 2, 1, bias=False))
+    assert not winograd.covers_conv(x, nn.Conv2d(4, 8, 5, 1, 2, bias=False))
+    assert not winograd.covers_conv(x.double(), conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not winograd.covers_conv(x, conv)
+    monkeypatch.setattr(winograd, "kernels", lambda: None)
+    assert not winograd.covers_conv(x, conv)
+
+
+def test_a_training_step_of_smallcnn_is_the_same_with_winograd_or_not(monkeypatch):
+    """The recipe's network at 224x224: Winograd runs in blocks 2 to 4, and the loss's gradients are torch's
+    convolutions' up to rounding."""
+    torch.manual_seed(0)
+    network = SmallCNN([16, 32, 64, 128], dropout=0.0).to(memory_format=torch.channels_last)
+    x, target = torch.rand(4, 1, 224, 224), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    calls = []
+    run = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, conv: calls.append(conv) or run(x, conv))
+
+    def gradients():
+        network.zero_grad()
+        F.binary_cross_entropy_with_logits(network(x), target).backward()
+        return {name: p.grad.clone() for name, p in network.named_parameters()}
+
+    ours = gradients()
+    monkeypatch.setattr(winograd, "ENABLED", False)
+    torchs = gradients()
+    assert calls == [network.features[i] for i in (4, 8, 12)]
+    for name, g in torchs.items():
+        assert (ours[name] - g).abs().max() <= 1e-4 * g.abs().max(), name

@@ -59,7 +59,7 @@ class SmallCNN(nn.Module):
             if winograd.covers(x, conv, bn, pool):
                 x = winograd.conv_pool_relu(x, conv)
                 continue
-            y = conv(x)
+            y = winograd.conv3x3(x, conv) if winograd.covers_conv(x, conv) else conv(x)
             if fused.covers(y, bn, pool):
                 x = fused.bn_pool_relu(y, bn)
                 continue

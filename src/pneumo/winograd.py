@@ -1,18 +1,22 @@
-"""SmallCNN's 3x3 convolutions at inference on the CPU by Winograd's F(4x4, 3x3), each with the bias, the
-2x2 max-pool and the ReLU after it.
+"""SmallCNN's 3x3 convolutions on the CPU by Winograd's F(4x4, 3x3), in training and at inference.
 
 A direct 3x3 convolution makes 9 products per output and input channel. F(4x4, 3x3) computes a 4x4
 tile of outputs from a 6x6 tile of inputs with 36 products per channel pair instead of 16 x 9 = 144,
 at the price of two cheap linear transforms (see `pneumo.winograd_kernels`). The products are 36
-matrix products that torch runs (its BLAS); the transforms are numba kernels, which also pool and
-apply the ReLU, so the full-resolution output is never written. Images go through a chunk at a time,
-so that the transformed tiles stay in the cache from one step to the next.
+matrix products that torch runs (its BLAS); the transforms are numba kernels. Images go through a
+chunk at a time, so that the transformed tiles stay in the cache from one step to the next.
 
-What it covers: inference (no autograd) on the CPU in float32 of a folded network (BatchNorm folded
-into a convolution with a bias, `SmallCNN.folded`), 3x3 convolutions with stride 1 and padding 1
-followed by a 2x2 max-pool, outside tracing and compiling (exports keep the standard operators).
-Everything else, the first block's strided one-channel convolution included, runs torch's operators.
-The results are the direct convolution's up to rounding (tests/test_winograd.py).
+- At inference, a folded network's block (BatchNorm folded into a convolution with a bias,
+  `SmallCNN.folded`): `conv_pool_relu`, whose transform back also adds the bias, pools and applies
+  the ReLU, so the full-resolution output is never written.
+- In training (and wherever a convolution has no bias): `conv3x3`, the convolution at full
+  resolution. Its backward computes the input's gradient by Winograd too (a 3x3 convolution of the
+  output's gradient by the flipped weight), and the weight's gradient by torch's operator.
+
+Both need a 3x3 convolution with stride 1 and padding 1 of a float32 input on the CPU, outside autocast,
+tracing and compiling (exports keep the standard operators). Everything else, the first block's
+strided one-channel convolution included (see `pneumo.fused`), runs torch's operators. The results
+are the direct convolution's up to rounding (tests/test_winograd.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import weakref
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pneumo.kernels import load, nhwc, plain_2x2, set_threads
 
@@ -61,34 +66,102 @@ def kernels():
 
 def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """relu(maxpool2x2(conv(x))), channels_last, for an input and a convolution that `covers` accepts."""
+    n, _, h, w = x.shape
+    out = torch.empty(n, conv.out_channels, h // 2, w // 2, memory_format=torch.channels_last)
+    target, bias = nhwc(out), conv.bias.detach().contiguous().numpy()
+    for s, e, tiles_h, tiles_w, products in _products(x, transformed_weight(conv)):
+        kernels().output_pool_relu(products, bias, tiles_h, tiles_w, target[s:e])
+    return out
+
+
+def covers_conv(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether conv(x) can run as `conv3x3`: a 3x3 convolution with stride 1, padding 1 and no bias (a
+    training network's, BatchNorm after it) of a float32 input on the CPU, outside tracing and compiling."""
+    if not ENABLED or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    if type(conv) is not nn.Conv2d or geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros") or conv.bias is not None:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.shape[0] == 0:
+        return False
+    return kernels() is not None
+
+
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(x), channels_last, for an input and a convolution that `covers_conv` accepts, with gradients."""
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        return _Conv3x3.apply(x, conv.weight, conv)
+    return _full(x, transformed_weight(conv))
+
+
+class _Conv3x3(torch.autograd.Function):
+    """(x, weight, the module) -> conv(x). The input's gradient is itself a 3x3 convolution, of the output's
+    gradient by the weight flipped in space with its channels swapped, so it runs by Winograd too; the
+    weight's gradient is torch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, conv):
+        ctx.save_for_backward(x, weight)
+        return _full(x, transformed_weight(conv))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _full(grad, _transform(weight.detach().flip(2, 3).transpose(0, 1)))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+        return grad_x, grad_w, None
+
+
+def _full(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The convolution of x by the transformed weight u (36, C, K), channels_last, at full resolution."""
+    n, _, h, w = x.shape
+    out = torch.empty(n, u.shape[2], h, w, memory_format=torch.channels_last)
+    target = nhwc(out)
+    for s, e, tiles_h, tiles_w, products in _products(x, u):
+        kernels().output_full(products, tiles_h, tiles_w, target[s:e])
+    return out
+
+
+def _products(x: torch.Tensor, u: torch.Tensor):
+    """(first image, end, tiles_h, tiles_w, products (36, P, K) as NumPy) chunk by chunk: the transformed
+    input tiles of images first to end times the transformed weight u (36, C, K)."""
     n, c, h, w = x.shape
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
-    out = torch.empty(n, conv.out_channels, h // 2, w // 2, memory_format=torch.channels_last)
-    source, target = nhwc(x.contiguous(memory_format=torch.channels_last)), nhwc(out)
-    u, bias = transformed_weight(conv), conv.bias.detach().contiguous().numpy()
-    k = kernels()
+    source = nhwc(x.detach().contiguous(memory_format=torch.channels_last))
     set_threads()
-    per_image = 36 * tiles_h * tiles_w * (c + conv.out_channels) * 4
+    per_image = 36 * tiles_h * tiles_w * (c + u.shape[2]) * 4
     step = max(1, CHUNK_BYTES // per_image)
     for s in range(0, n, step):
         e = min(n, s + step)
         tiles = torch.empty(36, (e - s) * tiles_h * tiles_w, c)
-        k.input_tiles(source[s:e], tiles_h, tiles_w, tiles.numpy())
-        k.output_pool_relu(torch.bmm(tiles, u).numpy(), bias, tiles_h, tiles_w, target[s:e])
-    return out
+        kernels().input_tiles(source[s:e], tiles_h, tiles_w, tiles.numpy())
+        yield s, e, tiles_h, tiles_w, torch.bmm(tiles, u).numpy()
 
 
 def transformed_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """U (36, C, K): the 6x6 tile G g G^T of each kernel g, for the input channel C and output channel
-    K, computed in float64. Kept with the module until its weight changes."""
+    """`_transform` of the module's weight, kept with the module until its weight changes."""
     weight = conv.weight.detach()
     # A weight made under inference_mode has no version counter to tell a change by: not kept.
     stamp = None if weight.is_inference() else (weight.data_ptr(), weight._version)
     kept = _transformed.get(conv)
     if stamp is None or kept is None or kept[0] != stamp:
-        g = torch.from_numpy(G)
-        u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
-        kept = (stamp, u.reshape(36, conv.in_channels, conv.out_channels).float().contiguous())
+        kept = (stamp, _transform(weight))
         if stamp is not None:
             _transformed[conv] = kept
     return kept[1]
+
+
+def _transform(weight: torch.Tensor) -> torch.Tensor:
+    """U (36, C, K): the 6x6 tile G g G^T of each kernel g of weight (K, C, 3, 3), for the input channel C
+    and output channel K, computed in float64."""
+    g = torch.from_numpy(G)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
+    return u.reshape(36, weight.shape[1], weight.shape[0]).float().contiguous()

@@ -5,9 +5,9 @@ A 3x3 convolution (a correlation, as in every CNN) of a 6x6 input tile d gives a
 Y = A^T [U * (B^T d B)] A, where U = G g G^T is the transformed 3x3 kernel g and * multiplies element
 by element: 36 products per input and output channel pair instead of 144. Summed over input
 channels, the 36 elementwise products are 36 matrix products, (tiles x C) by (C x K), which torch
-runs; these kernels compute B^T d B for every tile (`input_tiles`) and A^T M A for every product
-(`output_pool_relu`), which also adds the bias, takes each 2x2 window's maximum and the ReLU, so
-that the full-resolution output is never written.
+runs; these kernels compute B^T d B for every tile (`input_tiles`) and A^T M A for every product:
+at full resolution (`output_full`), or adding the bias, taking each 2x2 window's maximum and the ReLU
+(`output_pool_relu`), so that the full-resolution output is never written.
 
 Layouts: images are channels_last (N, H, W, C) with C contiguous. The kernels work a row of tiles at
 a time, in loops over (tile, channel) long enough to vectorize. Tile (ty, tx) of image n covers output
@@ -35,6 +35,7 @@ _u = np.uint64
 # module is imported, not at a first call in the middle of a run.
 INPUT_SIGNATURE = "void(float32[:, :, :, ::1], int64, int64, float32[:, :, ::1])"
 OUTPUT_SIGNATURE = "void(float32[:, :, ::1], float32[::1], int64, int64, float32[:, :, :, ::1])"
+FULL_SIGNATURE = "void(float32[:, :, ::1], int64, int64, float32[:, :, :, ::1])"
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
@@ -141,3 +142,41 @@ def output_pool_relu(m, bias, tiles_h, tiles_w, out):
                     pooled[n, py, _u(left * k_out + k)] = _relu(_max(_max(y00, y01), _max(y10, y11)) + bias[k])
                     if right < wp:
                         pooled[n, py, _u(right * k_out + k)] = _relu(_max(_max(y02, y03), _max(y12, y13)) + bias[k])
+
+
+@njit(FULL_SIGNATURE, parallel=True, cache=True, fastmath=FAST)
+def output_full(m, tiles_h, tiles_w, out):
+    """out (N, H, W, K) = A^T m A for the products m (36, P, K): the convolution itself, each 4x4 tile
+    cropped where it passes the image's edge."""
+    n_img, h, w, k_out = out.shape
+    span = tiles_w * k_out
+    products = m.reshape((36, m.shape[1] * k_out))
+    rows = out.reshape((n_img, h, w * k_out))
+    for row in prange(n_img * tiles_h):
+        n, ty = row // tiles_h, row % tiles_h
+        first = row * span
+        t = np.empty((4, 6, span), np.float32)  # A^T m, every tile of the row at once: f = tx * k_out + k
+        for j in range(6):
+            for f in range(span):
+                p = _u(first + f)
+                a0, a1, a2, a3 = _at(products[j, p], products[6 + j, p], products[12 + j, p],
+                                     products[18 + j, p], products[24 + j, p], products[30 + j, p])  # fmt: skip
+                t[0, j, f], t[1, j, f], t[2, j, f], t[3, j, f] = a0, a1, a2, a3
+        for a in range(min(4, h - 4 * ty)):
+            y = 4 * ty + a
+            for tx in range(tiles_w):
+                x0 = 4 * tx
+                if x0 + 4 <= w:
+                    for k in range(k_out):
+                        f = _u(tx * k_out + k)
+                        v0, v1, v2, v3 = _at(t[a, 0, f], t[a, 1, f], t[a, 2, f], t[a, 3, f], t[a, 4, f], t[a, 5, f])
+                        rows[n, y, _u(x0 * k_out + k)] = v0
+                        rows[n, y, _u((x0 + 1) * k_out + k)] = v1
+                        rows[n, y, _u((x0 + 2) * k_out + k)] = v2
+                        rows[n, y, _u((x0 + 3) * k_out + k)] = v3
+                else:
+                    for k in range(k_out):
+                        f = _u(tx * k_out + k)
+                        v = _at(t[a, 0, f], t[a, 1, f], t[a, 2, f], t[a, 3, f], t[a, 4, f], t[a, 5, f])
+                        for b in range(w - x0):
+                            rows[n, y, _u((x0 + b) * k_out + k)] = v[b]
