@@ -212,3 +212,20 @@ def test_a_training_step_of_smallcnn_is_the_same_with_winograd_or_not(monkeypatc
     assert calls == [network.features[i] for i in (4, 8, 12)]
     for name, g in torchs.items():
         assert (ours[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+
+
+def test_the_weight_an_optimizer_step_left_is_the_one_used_next():
+    """A fused AdamW step changes the weights without advancing their version counter: the training
+    convolution must not keep a transformed weight from one step (or validation) to the next."""
+    torch.manual_seed(0)
+    network = SmallCNN([8, 16], dropout=0.0)
+    optimizer = network.configure_optimizer(0.1, 0.0)
+    conv = network.features[4]
+    for _ in range(2):
+        network(torch.rand(2, 1, 32, 32)).sum().backward()
+        optimizer.step()
+        x = torch.rand(2, 8, 8, 8)
+        expected = F.conv2d(x, conv.weight.detach(), padding=1)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                assert (winograd.conv3x3(x, conv) - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -92,19 +92,21 @@ def covers_conv(x: torch.Tensor, conv: nn.Module) -> bool:
 def conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x), channels_last, for an input and a convolution that `covers_conv` accepts, with gradients."""
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
-        return _Conv3x3.apply(x, conv.weight, conv)
-    return _full(x, transformed_weight(conv))
+        return _Conv3x3.apply(x, conv.weight)
+    # Transformed afresh at every call: an optimizer's fused step changes the weight without
+    # advancing the version counter that `transformed_weight` goes by.
+    return _full(x, _transform(conv.weight.detach()))
 
 
 class _Conv3x3(torch.autograd.Function):
-    """(x, weight, the module) -> conv(x). The input's gradient is itself a 3x3 convolution, of the output's
+    """(x, weight) -> conv(x). The input's gradient is itself a 3x3 convolution, of the output's
     gradient by the weight flipped in space with its channels swapped, so it runs by Winograd too; the
     weight's gradient is torch's."""
 
     @staticmethod
-    def forward(ctx, x, weight, conv):
+    def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return _full(x, transformed_weight(conv))
+        return _full(x, _transform(weight.detach()))
 
     @staticmethod
     @once_differentiable
@@ -117,7 +119,7 @@ class _Conv3x3(torch.autograd.Function):
             grad_w = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
             )[1]
-        return grad_x, grad_w, None
+        return grad_x, grad_w
 
 
 def _full(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,8 @@ def _products(x: torch.Tensor, u: torch.Tensor):
 
 
 def transformed_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """`_transform` of the module's weight, kept with the module until its weight changes."""
+    """`_transform` of a folded module's weight, kept with the module until its weight changes (a folded
+    network is not trained, so its weight changes only by an operation that advances its version)."""
     weight = conv.weight.detach()
     # A weight made under inference_mode has no version counter to tell a change by: not kept.
     stamp = None if weight.is_inference() else (weight.data_ptr(), weight._version)
