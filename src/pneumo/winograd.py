@@ -37,6 +37,7 @@ ENABLED = True
 CHUNK_BYTES = 2 << 20
 # G, which transforms a 3x3 kernel g into the 6x6 tile G g G^T that multiplies the input's tiles.
 G = np.array([[6, 0, 0], [-4, -4, -4], [-4, 4, -4], [1, 2, 4], [1, -2, 4], [0, 0, 24]]) / 24
+_GG = torch.from_numpy(np.kron(G, G))
 
 _transformed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -164,7 +165,8 @@ def transformed_weight(conv: nn.Conv2d) -> torch.Tensor:
 
 def _transform(weight: torch.Tensor) -> torch.Tensor:
     """U (36, C, K): the 6x6 tile G g G^T of each kernel g of weight (K, C, 3, 3), for the input channel C
-    and output channel K, computed in float64."""
-    g = torch.from_numpy(G)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
-    return u.reshape(36, weight.shape[1], weight.shape[0]).float().contiguous()
+    and output channel K, computed in float64 as one matrix product by the Kronecker product of G with
+    itself, (G g G^T)[a, b] = sum over i, j of G[a, i] G[b, j] g[i, j]."""
+    k, c = weight.shape[:2]
+    u = _GG @ weight.detach().double().reshape(k * c, 9).T
+    return u.reshape(36, k, c).transpose(1, 2).float().contiguous()
