@@ -3,11 +3,12 @@
 pneumo chose (and the ones it left out) do to it: one synthetic batch, forward, backward and AdamW.
 
     python scripts/profile_step.py [--config configs/kermany.yaml] [--batch 32] [--steps 10]
-        [--variant pneumo|unfused|nchw|default-allocator|compile|bf16]
+        [--variant pneumo|unfused|direct|nchw|default-allocator|compile|bf16]
 
-  pneumo             channels_last, glibc allocator tuned, float32, fused blocks (what pneumo-train does
-                     without AMX)
+  pneumo             channels_last, glibc allocator tuned, float32, fused blocks, Winograd's
+                     convolutions (what pneumo-train does without AMX)
   unfused            the same with torch's BatchNorm, max-pool and ReLU modules instead of the fused blocks
+  direct             the same with torch's convolutions instead of Winograd's
   nchw               the same in the default NCHW layout
   default-allocator  glibc's default (large blocks mmapped and returned at every free)
   compile            torch.compile of the model (its compile time reported apart)
@@ -23,13 +24,13 @@ import time
 import torch
 from torch import nn
 
-from pneumo import fused
+from pneumo import fused, winograd
 from pneumo.config import load_config
 from pneumo.device import autocast
 from pneumo.models import build_model
 from pneumo.process import tune_allocator
 
-VARIANTS = ("pneumo", "unfused", "nchw", "default-allocator", "compile", "bf16")
+VARIANTS = ("pneumo", "unfused", "direct", "nchw", "default-allocator", "compile", "bf16")
 
 
 def main() -> int:
@@ -43,6 +44,7 @@ def main() -> int:
     if args.variant != "default-allocator":
         tune_allocator()
     fused.ENABLED = args.variant != "unfused"
+    winograd.ENABLED = args.variant != "direct"
     cfg = load_config(args.config)
     torch.manual_seed(0)
     layout = torch.contiguous_format if args.variant == "nchw" else torch.channels_last

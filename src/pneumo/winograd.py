@@ -62,7 +62,7 @@ def covers(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> 
 
 def kernels():
     """The numba kernels, or None where they cannot run well (`pneumo.kernels.load`)."""
-    return load("pneumo.winograd_kernels", "inference on the CPU runs Winograd's convolutions")
+    return load("pneumo.winograd_kernels", "3x3 convolutions on the CPU run by Winograd's F(4x4, 3x3)")
 
 
 def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
