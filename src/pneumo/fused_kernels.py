@@ -95,6 +95,14 @@ def _conv(taps, w, c, out):
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
+def _channels_last(rows, dest):
+    """dest (Wp, C) = rows (C, Wp), transposed."""
+    for m in range(dest.shape[0]):
+        for c in range(dest.shape[1]):
+            dest[m, c] = rows[c, m]
+
+
+@njit(cache=True, fastmath=FAST, inline="always")
 def _take(v, best, which, ab):
     # max_pool2d's rule: a later value wins if greater or NaN, and nothing replaces a NaN.
     take = (v > best or v != v) and best == best
@@ -134,10 +142,7 @@ def stem_forward(xph, w, stride, shift, pooled, code, sums, sumsq):
                 prow[m] = best
                 crow[m] = which
             sums[t, c], sumsq[t, c] = s, q
-        dest = pooled[n, j]
-        for m in range(wp):
-            for c in range(c_out):
-                dest[m, c] = rows[c, m]
+        _channels_last(rows, pooled[n, j])
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -347,7 +352,4 @@ def stem_inference(xph, w, bias, stride, out):
             for m in range(wp):
                 v = _max(_max(y0[m], y1[m]), _max(y2[m], y3[m])) + b
                 row[m] = v if v > 0 or v != v else np.float32(0)
-        dest = out[n, j]
-        for m in range(wp):
-            for c in range(c_out):
-                dest[m, c] = rows[c, m]
+        _channels_last(rows, out[n, j])

@@ -73,6 +73,20 @@ def _relu(v):
     return v if v > 0 or v != v else np.float32(0)
 
 
+@njit(cache=True, fastmath=FAST, inline="always")
+def _rows_of_products(products, first, span):
+    """t (4, 6, span) = A^T m for the tiles of one row, every tile at once: t[a, j, tx * K + k] for the
+    products (36, P * K) from index first on."""
+    t = np.empty((4, 6, span), np.float32)
+    for j in range(6):
+        for f in range(span):
+            p = _u(first + f)
+            a0, a1, a2, a3 = _at(products[j, p], products[6 + j, p], products[12 + j, p],
+                                 products[18 + j, p], products[24 + j, p], products[30 + j, p])  # fmt: skip
+            t[0, j, f], t[1, j, f], t[2, j, f], t[3, j, f] = a0, a1, a2, a3
+    return t
+
+
 @njit(INPUT_SIGNATURE, parallel=True, cache=True, fastmath=FAST)
 def input_tiles(x, tiles_h, tiles_w, out):
     """out[6 i + j, p] = (B^T d B)[i, j] for every tile p of x (N, H, W, C); every element written."""
@@ -119,14 +133,7 @@ def output_pool_relu(m, bias, tiles_h, tiles_w, out):
     pooled = out.reshape((n_img, hp, wp * k_out))
     for row in prange(n_img * tiles_h):
         n, ty = row // tiles_h, row % tiles_h
-        first = row * span
-        t = np.empty((4, 6, span), np.float32)  # A^T m, every tile of the row at once: f = tx * k_out + k
-        for j in range(6):
-            for f in range(span):
-                p = _u(first + f)
-                a0, a1, a2, a3 = _at(products[j, p], products[6 + j, p], products[12 + j, p],
-                                     products[18 + j, p], products[24 + j, p], products[30 + j, p])  # fmt: skip
-                t[0, j, f], t[1, j, f], t[2, j, f], t[3, j, f] = a0, a1, a2, a3
+        t = _rows_of_products(products, row * span, span)
         for a in range(2):
             py, u, d = 2 * ty + a, 2 * a, 2 * a + 1
             if py >= hp:
@@ -154,14 +161,7 @@ def output_full(m, tiles_h, tiles_w, out):
     rows = out.reshape((n_img, h, w * k_out))
     for row in prange(n_img * tiles_h):
         n, ty = row // tiles_h, row % tiles_h
-        first = row * span
-        t = np.empty((4, 6, span), np.float32)  # A^T m, every tile of the row at once: f = tx * k_out + k
-        for j in range(6):
-            for f in range(span):
-                p = _u(first + f)
-                a0, a1, a2, a3 = _at(products[j, p], products[6 + j, p], products[12 + j, p],
-                                     products[18 + j, p], products[24 + j, p], products[30 + j, p])  # fmt: skip
-                t[0, j, f], t[1, j, f], t[2, j, f], t[3, j, f] = a0, a1, a2, a3
+        t = _rows_of_products(products, row * span, span)
         for a in range(min(4, h - 4 * ty)):
             y = 4 * ty + a
             for tx in range(tiles_w):
