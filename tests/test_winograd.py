@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumo import winograd
+from pneumo import fused, winograd
 from pneumo.models import SmallCNN
 
 
@@ -97,9 +97,9 @@ def test_only_inference_of_a_folded_block_on_the_cpu_is_covered(monkeypatch):
     assert not winograd.covers(x, conv, nn.Identity(), pool)  # autograd on
 
 
-def test_a_folded_network_scores_as_with_torchs_convolutions(monkeypatch):
-    """The recipe's network, folded, at 224x224: Winograd runs in every block but the first, and the
-    logits are those of torch's operators up to rounding."""
+def test_a_folded_network_scores_as_with_torchs_operators(monkeypatch):
+    """The recipe's network, folded, at 224x224: the first block runs fused (`fused.inference_stem`),
+    Winograd in every other, and the logits are those of torch's operators up to rounding."""
     torch.manual_seed(0)
     network = SmallCNN([16, 32, 64, 128])
     network.train()
@@ -108,13 +108,15 @@ def test_a_folded_network_scores_as_with_torchs_convolutions(monkeypatch):
     folded = network.folded().to(memory_format=torch.channels_last)
     x = torch.rand(5, 1, 224, 224)
     calls = []
-    run = winograd.conv_pool_relu
-    monkeypatch.setattr(winograd, "conv_pool_relu", lambda x, conv: calls.append(conv) or run(x, conv))
+    for module, name in ((fused, "inference_stem"), (winograd, "conv_pool_relu")):
+        run = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda x, conv, run=run: calls.append(conv) or run(x, conv))
     with torch.inference_mode():
         ours = folded(x)
+        monkeypatch.setattr(fused, "ENABLED", False)
         monkeypatch.setattr(winograd, "ENABLED", False)
         torchs = folded(x)
-    assert calls == [folded.features[i] for i in (4, 8, 12)]
+    assert calls == [folded.features[i] for i in (0, 4, 8, 12)]
     assert (ours - torchs).abs().max() <= 1e-4 * torchs.abs().max()
 
 
