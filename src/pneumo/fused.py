@@ -27,8 +27,8 @@ to torch's modules run in float64). The statistics are summed relative to the ru
 per-row partial sums added in float64, so they come closer to exact than torch's float32 modules.
 At inference on the CPU, the first block of a folded network (BatchNorm folded into a biased
 convolution, `SmallCNN.folded`) runs fused too (`inference_stem`): its convolution a pooled row at a
-time, with the bias, the pool and the ReLU. Whatever this does not cover (autocast, CUDA, another
-geometry, numba missing) runs the standard modules.
+time, with the bias, the pool and the ReLU. Whatever this does not cover (evaluating a network not
+folded, autocast, CUDA, another geometry, numba missing) runs the standard modules.
 """
 
 from __future__ import annotations

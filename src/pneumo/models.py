@@ -48,8 +48,9 @@ class SmallCNN(nn.Module):
         its members."""
         for i in range(0, len(self.features), 4):
             conv, bn, relu, pool = self.features[i : i + 4]
-            # Training steps on the CPU run fused kernels (`pneumo.fused`), inference on the CPU a fused
-            # first block and Winograd's convolutions (`pneumo.winograd`); the rest runs the modules.
+            # On the CPU, training steps run fused blocks (`pneumo.fused`) around Winograd's convolutions
+            # (`pneumo.winograd`), inference a fused first block and Winograd's pooled blocks; the rest
+            # runs the modules.
             if fused.covers_stem(x, conv, bn, pool):
                 x = fused.stem_block(x, conv, bn)
                 continue
