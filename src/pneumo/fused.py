@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumo.kernels import load, nhwc, plain_2x2, set_threads
+from pneumo.kernels import eager_cpu_float32, load, nhwc, plain_2x2, set_threads
 
 
 def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
@@ -54,17 +54,17 @@ def covers_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module
 def covers_inference_stem(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
     """Whether relu(pool(bn(conv(x)))) can run as `inference_stem`: without autograd, on the CPU in float32,
     a one-channel 3x3 convolution with padding 1 and a bias (BatchNorm folded into it), a plain 2x2 max-pool."""
-    if not ENABLED or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not ENABLED or torch.is_grad_enabled() or not eager_cpu_float32(x):
         return False
     geometry = (conv.in_channels, conv.kernel_size, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
     if type(conv) is not nn.Conv2d or geometry != (1, (3, 3), (1, 1), (1, 1), 1, "zeros") or conv.bias is None:
         return False
-    if conv.stride[0] != conv.stride[1] or type(bn) is not nn.Identity or not plain_2x2(pool):
+    if conv.stride[0] != conv.stride[1] or conv.weight.dtype != torch.float32:
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
+    if type(bn) is not nn.Identity or type(pool) is not nn.MaxPool2d or not plain_2x2(pool):
         return False
     # A convolution output under 2x2 leaves nothing to pool (and max_pool2d refuses it).
-    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.shape[0] == 0 or min(x.shape[-2:]) <= conv.stride[0]:
+    if x.dim() != 4 or x.shape[0] == 0 or min(x.shape[-2:]) <= conv.stride[0]:
         return False
     return kernels() is not None
 
@@ -82,9 +82,7 @@ ENABLED = True
 def _covers(shape: torch.Size, y: torch.Tensor, bn: nn.Module, pool: nn.Module) -> bool:
     if not ENABLED:
         return False
-    if not (bn.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if y.device.type != "cpu" or y.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if not (bn.training and torch.is_grad_enabled()) or not eager_cpu_float32(y):
         return False
     if type(bn) is not nn.BatchNorm2d or not (bn.affine and bn.track_running_stats) or bn.momentum is None:
         return False

@@ -43,6 +43,14 @@ def set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+def eager_cpu_float32(x: torch.Tensor) -> bool:
+    """Whether `x` is what the kernels take: float32 on the CPU, outside autocast, tracing and compiling
+    (traced and compiled graphs, exports among them, keep torch's standard operators)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
 def plain_2x2(pool: nn.MaxPool2d) -> bool:
     """Whether `pool` is the plain 2x2 max-pool (stride 2, no padding or dilation, floor mode) that the
     kernels and the index-free pooling compute."""

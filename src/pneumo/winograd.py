@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from pneumo.kernels import load, nhwc, plain_2x2, set_threads
+from pneumo.kernels import eager_cpu_float32, load, nhwc, plain_2x2, set_threads
 
 # False runs torch's operators everywhere (to compare the two).
 ENABLED = True
@@ -44,20 +44,9 @@ _transformed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def covers(x: torch.Tensor, conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
     """Whether relu(pool(bn(conv(x)))) can run as `conv_pool_relu` (see the module's docstring)."""
-    if not ENABLED or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or type(bn) is not nn.Identity or type(pool) is not nn.MaxPool2d or not plain_2x2(pool):
         return False
-    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
-    if type(conv) is not nn.Conv2d or geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros") or conv.bias is None:
-        return False
-    if type(bn) is not nn.Identity or type(pool) is not nn.MaxPool2d:
-        return False
-    if not plain_2x2(pool):
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
-        return False
-    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.shape[0] == 0 or min(x.shape[-2:]) < 2:
-        return False
-    return kernels() is not None
+    return _plain_3x3(x, conv) and conv.bias is not None and min(x.shape[-2:]) >= 2
 
 
 def kernels():
@@ -76,16 +65,20 @@ def conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def covers_conv(x: torch.Tensor, conv: nn.Module) -> bool:
-    """Whether conv(x) can run as `conv3x3`: a 3x3 convolution with stride 1, padding 1 and no bias (a
-    training network's, BatchNorm after it) of a float32 input on the CPU, outside tracing and compiling."""
-    if not ENABLED or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    """Whether conv(x) can run as `conv3x3`: a convolution without bias (a training network's, BatchNorm
+    after it), with or without autograd."""
+    return _plain_3x3(x, conv) and conv.bias is None
+
+
+def _plain_3x3(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether conv is a float32 3x3 convolution with stride 1 and padding 1, and x (N, C, H, W) a batch
+    the kernels take (`eager_cpu_float32`), where they load."""
+    if not ENABLED or type(conv) is not nn.Conv2d or conv.weight.dtype != torch.float32:
         return False
     geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
-    if type(conv) is not nn.Conv2d or geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros") or conv.bias is not None:
+    if geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
-        return False
-    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.shape[0] == 0:
+    if not eager_cpu_float32(x) or x.dim() != 4 or x.shape[0] == 0:
         return False
     return kernels() is not None
 
