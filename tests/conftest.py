@@ -1,5 +1,5 @@
-"""Shared test helpers: paths, tiny configs, a trained tiny model, synthetic image folders, and
-running the command lines the way users and cron jobs do."""
+"""Shared test helpers: paths, tiny configs, a trained tiny model, synthetic image folders, running the
+command lines the way users and cron jobs do, and folded blocks for the CPU kernels' tests."""
 
 import contextlib
 import io
@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
+from torch import nn
 
 from pneumo.config import from_dict
 from pneumo.data.synthetic import make_split
@@ -24,6 +27,21 @@ FULLRES = SHARED_DATA / "kermany_fullres_sample"
 TIMING = ("train_images_per_s", "epoch_s", "data_wait_fraction")
 
 needs_shared = pytest.mark.skipif(not KERMANY224.is_dir(), reason=f"real data not found at {SHARED_DATA}")
+
+
+def folded_conv(c_in: int, c_out: int, stride: int = 1, seed: int = 0) -> nn.Conv2d:
+    """A folded block's 3x3 convolution: biased, weights on the scale of a trained network's, channels_last."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 3, stride, 1).requires_grad_(False)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / (9 * c_in)) ** 0.5)
+    conv.bias.copy_(torch.randn(c_out, generator=gen) * 0.1)
+    return conv.to(memory_format=torch.channels_last)
+
+
+def conv_pool_relu_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """relu(maxpool2x2(conv(x))) by torch's operators in float64."""
+    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=conv.stride, padding=1)
+    return torch.relu(F.max_pool2d(y, 2))
 
 
 def tiny_raw(out_dir, **sections) -> dict:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import conv_pool_relu_reference, folded_conv
 from pneumo import fused, winograd
 from pneumo.models import SmallCNN
 
@@ -195,52 +196,37 @@ def test_without_numba_the_standard_modules_run(monkeypatch):
     assert model.features[0].weight.grad is not None
 
 
-def folded_stem(stride: int, channels: int = 8) -> nn.Conv2d:
-    """A folded first block's convolution: one input channel, biased, weights on a trained network's scale."""
-    gen = torch.Generator().manual_seed(stride)
-    conv = nn.Conv2d(1, channels, 3, stride, 1).requires_grad_(False)
-    conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / 9) ** 0.5)
-    conv.bias.copy_(torch.randn(channels, generator=gen) * 0.1)
-    return conv
-
-
-def stem_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """relu(maxpool2x2(conv(x))) by torch's operators in float64."""
-    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=conv.stride, padding=1)
-    return torch.relu(F.max_pool2d(y, 2))
-
-
 @pytest.mark.parametrize(
     "h, w, stride", [(224, 224, 2), (40, 56, 2), (9, 7, 2), (3, 3, 2), (10, 11, 1), (13, 16, 3)], ids=lambda v: str(v)
 )
 def test_the_inference_stem_is_torchs_first_block_up_to_rounding(h, w, stride):
     """The recipe's size, odd and unequal sides (pooling drops the last row or column), the smallest input
     that leaves something to pool, and other strides."""
-    conv = folded_stem(stride)
+    conv = folded_conv(1, 8, stride, seed=stride)
     x = torch.randn(3, 1, h, w, generator=torch.Generator().manual_seed(h)).contiguous(
         memory_format=torch.channels_last
     )
     with torch.inference_mode():
         assert fused.covers_inference_stem(x, conv, nn.Identity(), nn.MaxPool2d(2))
         out = fused.inference_stem(x, conv)
-    expected = stem_reference(x, conv)
+    expected = conv_pool_relu_reference(x, conv)
     assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
     assert (expected > 0).any() and (expected == 0).any()  # the ReLU had work to do
 
 
 def test_the_inference_stem_makes_nan_exactly_where_torch_does():
-    conv = folded_stem(2)
+    conv = folded_conv(1, 8, 2, seed=2)
     x = torch.rand(2, 1, 20, 20)
     x[1, 0, 7, 12] = float("nan")
     with torch.inference_mode():
         out = fused.inference_stem(x, conv)
-    expected = stem_reference(x, conv)
+    expected = conv_pool_relu_reference(x, conv)
     assert expected.isnan().any() and torch.equal(out.isnan(), expected.isnan())
 
 
 def test_the_inference_stem_covers_only_inference_of_a_folded_first_block(monkeypatch):
-    conv, x, pool = folded_stem(2), torch.rand(2, 1, 32, 32), nn.MaxPool2d(2)
+    conv, x, pool = folded_conv(1, 8, 2, seed=2), torch.rand(2, 1, 32, 32), nn.MaxPool2d(2)
     with torch.inference_mode():
         assert fused.covers_inference_stem(x, conv, nn.Identity(), pool)
         assert not fused.covers_inference_stem(x, conv, nn.BatchNorm2d(8), pool)  # not folded

@@ -7,23 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import conv_pool_relu_reference, folded_conv
 from pneumo import fused, winograd
 from pneumo.models import SmallCNN
-
-
-def conv_with_bias(c_in: int, c_out: int, seed: int = 0) -> nn.Conv2d:
-    """A folded block's convolution: biased, weights on the scale of a trained network's."""
-    gen = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(c_in, c_out, 3, 1, 1).requires_grad_(False)
-    conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / (9 * c_in)) ** 0.5)
-    conv.bias.copy_(torch.randn(c_out, generator=gen) * 0.1)
-    return conv.to(memory_format=torch.channels_last)
-
-
-def reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """relu(maxpool2x2(conv(x))) by torch's operators in float64."""
-    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    return torch.relu(F.max_pool2d(y, 2))
 
 
 @pytest.mark.parametrize(
@@ -35,21 +21,21 @@ def test_the_winograd_block_is_the_direct_convolution_pooled_up_to_rounding(monk
     """The recipe's three shapes, an edge that is no multiple of the 4x4 tiles (14), odd and unequal
     sides, the smallest input; chunks of one image, so that several chunks and a last one run."""
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
-    conv = conv_with_bias(c_in, c_out)
+    conv = folded_conv(c_in, c_out)
     x = torch.randn(n, c_in, h, w, generator=torch.Generator().manual_seed(1)).contiguous(
         memory_format=torch.channels_last
     )
     with torch.inference_mode():
         assert winograd.covers(x, conv, nn.Identity(), nn.MaxPool2d(2))
         out = winograd.conv_pool_relu(x, conv)
-    expected = reference(x, conv)
+    expected = conv_pool_relu_reference(x, conv)
     assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert expected.numel() == 1 or ((expected > 0).any() and (expected == 0).any())  # the ReLU had work to do
 
 
 def test_chunks_of_any_size_give_the_same_numbers(monkeypatch):
-    conv = conv_with_bias(8, 16)
+    conv = folded_conv(8, 16)
     x = torch.randn(7, 8, 20, 20, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         whole = winograd.conv_pool_relu(x, conv)
@@ -60,17 +46,17 @@ def test_chunks_of_any_size_give_the_same_numbers(monkeypatch):
 def test_a_nan_in_the_input_is_never_hidden():
     """Winograd's transforms spread a NaN over its whole tile, so more outputs may be NaN than torch's;
     every output that torch makes NaN must be NaN here too, never a number."""
-    conv = conv_with_bias(4, 4)
+    conv = folded_conv(4, 4)
     x = torch.rand(1, 4, 12, 12)
     x[0, 2, 5, 6] = float("nan")
     with torch.inference_mode():
         out = winograd.conv_pool_relu(x, conv)
-    expected = reference(x, conv)
+    expected = conv_pool_relu_reference(x, conv)
     assert expected.isnan().any() and out[expected.isnan()].isnan().all()
 
 
 def test_a_changed_weight_is_transformed_again():
-    conv = conv_with_bias(4, 4)
+    conv = folded_conv(4, 4)
     x = torch.rand(1, 4, 8, 8)
     with torch.inference_mode():
         before = winograd.conv_pool_relu(x, conv)
@@ -79,11 +65,12 @@ def test_a_changed_weight_is_transformed_again():
     with torch.inference_mode():
         after = winograd.conv_pool_relu(x, conv)
     assert not torch.equal(before, after)
-    assert (after.double() - reference(x, conv)).abs().max() <= 1e-5 * reference(x, conv).abs().max()
+    expected = conv_pool_relu_reference(x, conv)
+    assert (after.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_only_inference_of_a_folded_block_on_the_cpu_is_covered(monkeypatch):
-    conv, x, pool = conv_with_bias(4, 8), torch.rand(2, 4, 8, 8), nn.MaxPool2d(2)
+    conv, x, pool = folded_conv(4, 8), torch.rand(2, 4, 8, 8), nn.MaxPool2d(2)
     with torch.inference_mode():
         assert winograd.covers(x, conv, nn.Identity(), pool)
         assert not winograd.covers(x, conv, nn.BatchNorm2d(8), pool)  # not folded
