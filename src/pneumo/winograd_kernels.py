@@ -166,6 +166,7 @@ def output_full(m, tiles_h, tiles_w, out):
             y = 4 * ty + a
             for tx in range(tiles_w):
                 x0 = 4 * tx
+                # A whole tile's four columns written out vectorize; the loop the edge's tiles need does not.
                 if x0 + 4 <= w:
                     for k in range(k_out):
                         f = _u(tx * k_out + k)
