@@ -156,15 +156,23 @@ def test_the_training_convolution_and_its_gradients_are_torchs_up_to_rounding(mo
         assert (ours.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
-def test_the_training_convolution_computes_only_the_gradients_asked_for():
+def test_the_training_convolution_computes_only_the_gradients_asked_for(monkeypatch):
+    """The input's gradient is a second Winograd convolution, the weight's a call of torch's backward:
+    neither runs for a tensor that needs no gradient."""
+    calls = []
+    full, backward = winograd._full, torch.ops.aten.convolution_backward
+    monkeypatch.setattr(winograd, "_full", lambda *a: calls.append("winograd") or full(*a))
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: calls.append("torch") or backward(*a))
     conv = nn.Conv2d(4, 8, 3, 1, 1, bias=False)
     x = torch.rand(2, 4, 8, 8)
     winograd.conv3x3(x, conv).sum().backward()  # an input that needs no gradient
-    assert x.grad is None and conv.weight.grad is not None
+    assert calls == ["winograd", "torch"] and x.grad is None and conv.weight.grad is not None
+    calls.clear()
+    weight_grad = conv.weight.grad.clone()
     conv.requires_grad_(False)
     x.requires_grad_()
     winograd.conv3x3(x, conv).sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None
+    assert calls == ["winograd", "winograd"] and x.grad is not None and torch.equal(conv.weight.grad, weight_grad)
 
 
 def test_only_a_plain_convolution_on_the_cpu_runs_in_training(monkeypatch):
