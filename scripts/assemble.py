@@ -16,11 +16,11 @@ from pneumo.cli import run_command
 
 
 def assemble_members(args) -> None:
-    from pneumo.assemble import assemble, check_members
-    from pneumo.checkpoint import save_checkpoint
-    from pneumo.config import load_config
+    from pneumo.core.config import load_config
+    from pneumo.core.device import resolve_device
     from pneumo.data import load_split
-    from pneumo.device import resolve_device
+    from pneumo.model.checkpoint import save_checkpoint
+    from pneumo.train.assemble import assemble, check_members
 
     cfg = load_config(args.config)
     data = load_config(args.config, args.set)  # where the data is on this machine; not stored in the model

@@ -17,11 +17,21 @@ from pathlib import Path
 
 import torch
 
-from pneumo.benchmark import Settings, cpu_peak, default_workers, gpu_peak_tflops, matmul_gflops, run_isolated
-from pneumo.config import load_config
+from pneumo.core.config import load_config
+from pneumo.core.device import resolve_device
 from pneumo.data.synthetic import write_folder
-from pneumo.device import resolve_device
-from pneumo.models import build_model
+from pneumo.model.network import build_model
+
+# The pipelines are no part of the installed package: they live in benchmarks/, beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.pipelines import (
+    Settings,
+    cpu_peak,
+    default_workers,
+    gpu_peak_tflops,
+    matmul_gflops,
+    run_isolated,
+)
 
 RATES = (("train_images_per_s", "train"), ("load_images_per_s", "load"), ("infer_images_per_s", "inference"))
 

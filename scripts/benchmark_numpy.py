@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from pneumo import numpy_nn
-from pneumo.config import load_config
-from pneumo.device import prepare, to_input
-from pneumo.models import INPUT_MEAN, INPUT_STD, build_model
+from pneumo import reference as numpy_nn
+from pneumo.core.config import load_config
+from pneumo.core.device import prepare, to_input
+from pneumo.model.network import INPUT_MEAN, INPUT_STD, build_model
 
 
 def best_time(fn, repeats: int) -> float:

@@ -24,11 +24,11 @@ import time
 import torch
 from torch import nn
 
-from pneumo import fused, winograd
-from pneumo.config import load_config
-from pneumo.device import autocast
-from pneumo.models import build_model
-from pneumo.process import tune_allocator
+from pneumo import cpu
+from pneumo.core.config import load_config
+from pneumo.core.device import autocast
+from pneumo.core.process import tune_allocator
+from pneumo.model.network import build_model
 
 VARIANTS = ("pneumo", "unfused", "direct", "nchw", "default-allocator", "compile", "bf16")
 
@@ -43,8 +43,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.variant != "default-allocator":
         tune_allocator()
-    fused.ENABLED = args.variant != "unfused"
-    winograd.ENABLED = args.variant != "direct"
+    families = {"unfused": ["winograd"], "direct": ["fused"]}.get(args.variant, True)
+    with cpu.kernels(families):
+        return run(args)
+
+
+def run(args) -> int:
     cfg = load_config(args.config)
     torch.manual_seed(0)
     layout = torch.contiguous_format if args.variant == "nchw" else torch.channels_last

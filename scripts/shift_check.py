@@ -15,11 +15,12 @@ from pneumo.cli import run_command
 
 
 def report(args) -> None:
-    from pneumo import calibration, shift
-    from pneumo.checkpoint import TrainedModel, bundled_checkpoint
     from pneumo.data import load_split
-    from pneumo.metrics import binary_metrics
-    from pneumo.sitecal import simulate
+    from pneumo.evaluate.metrics import binary_metrics
+    from pneumo.model import calibration
+    from pneumo.model.checkpoint import TrainedModel, bundled_checkpoint
+    from pneumo.site import shift
+    from pneumo.site.adapt import simulate
 
     model = TrainedModel.load(args.checkpoint or bundled_checkpoint(), args.set)
 

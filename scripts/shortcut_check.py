@@ -12,8 +12,8 @@ from pneumo.cli import run_command
 
 
 def report(args) -> None:
-    from pneumo.checkpoint import TrainedModel, bundled_checkpoint
-    from pneumo.shortcuts import shortcut_check
+    from pneumo.model.checkpoint import TrainedModel, bundled_checkpoint
+    from pneumo.site.shortcuts import shortcut_check
 
     model = TrainedModel.load(args.checkpoint or bundled_checkpoint(), args.set)
     results = shortcut_check(model, args.split)

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pneumo.config import from_dict
+from pneumo.core.config import from_dict
 from pneumo.data.synthetic import make_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def tiny_config(tmp_path):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """best.pt of a tiny model trained for one epoch, shared by the tests that only read it."""
-    from pneumo.training import train
+    from pneumo.train.run import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     train(from_dict(tiny_raw(out, train={"epochs": 1})))
@@ -89,7 +89,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory) -> tuple[Path, dict]:
     """(best.pt, the best epoch's figures) of a model trained long enough to learn the synthetic task."""
-    from pneumo.training import train
+    from pneumo.train.run import train
 
     out = tmp_path_factory.mktemp("learned") / "run"
     raw = tiny_raw(

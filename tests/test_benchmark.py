@@ -1,7 +1,7 @@
 import torch
 
-from pneumo.benchmark import AsWritten
-from pneumo.models import SmallCNN
+from benchmarks.pipelines import AsWritten
+from pneumo.model.network import SmallCNN
 
 
 def test_the_typical_pipelines_network_computes_the_same_function():
@@ -15,12 +15,12 @@ def test_the_typical_pipelines_network_computes_the_same_function():
     with torch.no_grad():
         assert torch.allclose(AsWritten(model)(x), model(x), atol=1e-6)
     # The typical network runs its ReLU before its pooling, in its module order.
-    order = [type(m).__name__ for m in AsWritten(model).net.features[:4]]
+    order = [type(m).__name__ for m in AsWritten(model).features[:4]]
     assert order == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
 
 
 def test_the_median_run_is_reported_with_its_own_result(monkeypatch):
-    import pneumo.benchmark as benchmark
+    import benchmarks.pipelines as benchmark
 
     runs = iter([(3.0, "slow"), (1.0, "fast"), (2.0, "middle")])
     monkeypatch.setattr(benchmark, "_timed", lambda device, work: next(runs))

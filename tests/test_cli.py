@@ -22,8 +22,8 @@ from conftest import (
     tiny_raw,
     write_config,
 )
-from pneumo.checkpoint import TrainedModel, read_checkpoint
 from pneumo.cli import evaluate_main, train_main
+from pneumo.model.checkpoint import TrainedModel, read_checkpoint
 
 run = run_script
 

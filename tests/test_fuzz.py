@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT
 from pneumo.cli import predict_main, train_main
 from pneumo.data.synthetic import make_split
-from pneumo.predict import COLUMNS
+from pneumo.score.predict import COLUMNS
 
 KEYS = [
     "seed",

@@ -9,9 +9,11 @@ import pytest
 from conftest import ROOT
 
 SRC = ROOT / "src" / "pneumo"
-# The plumbing every stage stands on; it never imports a stage.
-PLUMBING = {"errors", "labels", "fileio", "logs", "progress", "device", "distributed", "config", "process"}
+# The architecture, lowest layer first: a subpackage imports from itself and from lower layers only, so
+# plumbing (core) never imports a stage and stages of one layer never import each other.
+LAYERS = [{"core"}, {"data", "cpu"}, {"model"}, {"reference"}, {"evaluate"}, {"train", "site", "score"}, {"cli"}]
 MAX_LINES, MAX_PARAMETERS = 60, 8
+MAX_TOP_LEVEL_MODULES, MAX_MODULE_DOCSTRING = 8, 1200
 
 
 def modules() -> dict[str, ast.Module]:
@@ -57,12 +59,44 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
-def test_plumbing_never_imports_a_stage():
+def layer(name: str) -> int:
+    """The layer of module `pneumo.X...` (the package root's __init__ and __main__ stand outside)."""
+    part = name.split(".")[1]
+    return next(i for i, packages in enumerate(LAYERS) if part in packages)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
     trees = modules()
-    for short in PLUMBING:
-        name = f"pneumo.{short}"
-        above = {m.removeprefix("pneumo.") for m in imports(name, trees[name], set(trees))} - PLUMBING - {""}
-        assert not above - {"pneumo"}, f"{name} imports {sorted(above)}"
+    wrong = []
+    for name, tree in trees.items():
+        if name in ("pneumo", "pneumo.__main__"):
+            continue
+        for target in imports(name, tree, set(trees)) - {"pneumo"}:
+            same_package = target.split(".")[1] == name.split(".")[1]
+            if not same_package and layer(target) >= layer(name):
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, wrong
+
+
+def test_the_top_level_shows_the_architecture():
+    top = sorted(p.name for p in SRC.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
+    assert packages == set().union(*LAYERS) - {"cli"}, "every subpackage has its place in LAYERS"
+    long = {n: len(ast.get_docstring(t) or "") for n, t in modules().items()}
+    assert all(size <= MAX_MODULE_DOCSTRING for size in long.values()), {n: s for n, s in long.items() if s > 1200}
+
+
+def test_the_network_reads_as_its_math():
+    """SmallCNN.logit is each block as written, relu(pool(bn(conv(x)))), with one call that lets the CPU
+    kernels run a block; no kernel's name appears in it."""
+    tree = modules()["pneumo.model.network"]
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SmallCNN")
+    logit = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "logit")
+    source = ast.get_source_segment((SRC / "model" / "network.py").read_text(), logit)
+    assert logit.end_lineno - logit.lineno + 1 <= 15
+    assert "relu(pool(bn(conv(x))))" in source
+    assert not any(word in source for word in ("fused", "winograd", "stem", "covers", "numba"))
 
 
 def test_functions_a_reader_can_hold_in_view():

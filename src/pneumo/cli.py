@@ -21,10 +21,11 @@ from pathlib import Path
 import yaml
 
 from pneumo import __version__
-from pneumo.config import load_config, to_dict
-from pneumo.errors import PneumoError
-from pneumo.logs import log, logging_to, setup_logging
-from pneumo.process import Terminated, idle_threads_sleep, sigterm_raises, tune_allocator
+from pneumo.core.config import load_config, to_dict
+from pneumo.core.errors import PneumoError
+from pneumo.core.logs import log, logging_to, setup_logging
+from pneumo.core.process import Terminated, idle_threads_sleep, sigterm_raises, tune_allocator
+from pneumo.cpu import environment_setting
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD = 0, 1, 2, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -55,7 +56,7 @@ def _train(args) -> int | None:
     cfg = load_config(args.config, args.set)
     if args.print_config:
         return _print_yaml(to_dict(cfg))
-    from pneumo.training import train
+    from pneumo.train.run import train
 
     train(cfg, resume=args.resume)
     return None
@@ -101,9 +102,9 @@ def _evaluate(args) -> int | None:
         raise PneumoError("--bootstrap and --explain must be 0 or more")
     if not args.out and not args.print_config:
         raise PneumoError("--out is required: the folder for metrics.json, predictions.csv and the report")
-    from pneumo.checkpoint import TrainedModel
-    from pneumo.evaluation import EvalOptions, evaluate
-    from pneumo.metrics import format_table
+    from pneumo.evaluate.evaluation import EvalOptions, evaluate
+    from pneumo.evaluate.metrics import format_table
+    from pneumo.model.checkpoint import TrainedModel
 
     model = TrainedModel.load(_checkpoint(args), args.set)
     if args.print_config:
@@ -149,7 +150,7 @@ def _predict(args) -> int:
     if args.batch_size < 1:
         raise PneumoError("--batch-size must be at least 1")
     idle_threads_sleep()
-    from pneumo.predict import InferenceModel, PredictOptions, Shard, run_predict
+    from pneumo.score.predict import InferenceModel, PredictOptions, Shard, run_predict
 
     options = PredictOptions(args.batch_size, args.device, Shard.parse(args.shard))
     model = InferenceModel.load(_checkpoint(args), trust_torchscript=args.trust_torchscript)
@@ -169,8 +170,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args) -> None:
-    from pneumo.checkpoint import TrainedModel
-    from pneumo.export import export
+    from pneumo.model.checkpoint import TrainedModel
+    from pneumo.score.export import export
 
     diff = export(TrainedModel.load(_checkpoint(args)), args.format, args.out)
     checked = f"largest difference from the checkpoint {diff:.1e}" if diff == diff else "not checked (no onnxruntime)"
@@ -200,8 +201,8 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args) -> None:
-    from pneumo.checkpoint import TrainedModel, save_checkpoint
-    from pneumo.sitecal import calibrate, load_sample
+    from pneumo.model.checkpoint import TrainedModel, save_checkpoint
+    from pneumo.site.adapt import calibrate, load_sample
 
     model = TrainedModel.load(_checkpoint(args), args.set)
     if Path(args.out).resolve() == model.path.resolve():
@@ -342,6 +343,7 @@ def run_command(prog: str, body, args, keeps_freed_memory: bool = True) -> int:
             stream.reconfigure(errors="backslashreplace")  # odd file names must not break a message
     log_file = getattr(args, "log_file", None)
     try:
+        environment_setting()  # a bad PNEUMO_CPU_KERNELS stops the command before any work
         with sigterm_raises(), _log_file(prog, log_file):
             return body(args) or EXIT_OK
     except PneumoError as e:
@@ -404,7 +406,7 @@ def _checkpoint_option(
 
 
 def _checkpoint(args):
-    from pneumo.checkpoint import bundled_checkpoint
+    from pneumo.model.checkpoint import bundled_checkpoint
 
     return args.checkpoint or bundled_checkpoint()
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.config import Config, DataConfig
+from pneumo.core.config import Config, DataConfig
+from pneumo.core.errors import PneumoError
+from pneumo.core.labels import CLASSES, SPLITS
+from pneumo.core.logs import log
 from pneumo.data import synthetic
 from pneumo.data.cache import cached_decode, default_cache_dir
 from pneumo.data.folder import list_split, patient_id, patient_split
 from pneumo.data.manifest import read_manifest
 from pneumo.data.npz import read_npz_split
-from pneumo.errors import PneumoError
-from pneumo.labels import CLASSES, SPLITS
-from pneumo.logs import log
 
 
 @dataclass

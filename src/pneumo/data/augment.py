@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pneumo.config import AugmentConfig
+from pneumo.core.config import AugmentConfig
 
 
 def augment(

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo.core.errors import BadImageError
+from pneumo.core.logs import log
 from pneumo.data.images import decode_all
-from pneumo.errors import BadImageError
-from pneumo.logs import log
 
 # Bump when decoding changes in a way that changes pixels, so that old entries are not reused.
 DECODER_VERSION = 6

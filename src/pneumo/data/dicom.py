@@ -6,7 +6,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pneumo.errors import BadImageError, PneumoError
+from pneumo.core.errors import BadImageError, PneumoError
 
 
 def read_dicom(f: BinaryIO, path: str, max_pixels: int) -> np.ndarray:

@@ -9,9 +9,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pneumo.errors import PneumoError
-from pneumo.logs import log
-from pneumo.progress import progress
+from pneumo.core.errors import PneumoError
+from pneumo.core.logs import log
+from pneumo.core.progress import progress
 
 # MedMNIST v2/v3 as published on Zenodo (record 10519652), with the checksums of medmnist.INFO.
 MEDMNIST_BASE_URL = "https://zenodo.org/records/10519652/files/"

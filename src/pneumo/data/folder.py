@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.errors import PneumoError
-from pneumo.labels import CLASSES
+from pneumo.core.errors import PneumoError
+from pneumo.core.labels import CLASSES
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 

@@ -11,9 +11,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumo.core.errors import BadImageError
+from pneumo.core.progress import progress
 from pneumo.data.dicom import read_dicom
-from pneumo.errors import BadImageError
-from pneumo.progress import progress
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # data.max_pixels is checked from every file's header before decoding (see below), so Pillow's own,

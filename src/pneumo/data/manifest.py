@@ -6,9 +6,9 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from pneumo.core.errors import PneumoError
+from pneumo.core.labels import CLASSES, SPLITS
 from pneumo.data.folder import patient_id
-from pneumo.errors import PneumoError
-from pneumo.labels import CLASSES, SPLITS
 
 LABELS = {**{name: label for label, name in enumerate(CLASSES)}, "0": 0, "1": 1}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumo.errors import PneumoError
+from pneumo.core.errors import PneumoError
 
 
 def read_npz_split(path: str | Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:

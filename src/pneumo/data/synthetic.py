@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumo.labels import class_name
+from pneumo.core.labels import class_name
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 

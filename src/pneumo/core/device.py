@@ -1,0 +1,55 @@
+"""Where and in what precision the arithmetic runs: CUDA or the CPU, bf16 or float32, memory layout."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pneumo.core.errors import PneumoError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PneumoError(
+            f"device 'cuda' was asked for, but torch {torch.__version__} sees no CUDA GPU here (use "
+            "device: auto or cpu)"
+        )
+    return torch.device(name)
+
+
+def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    # channels_last lets cuDNN use tensor cores, and oneDNN's CPU convolutions run faster in it too.
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1] on `device`, channels_last."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()  # page-locked, so the copy below runs asynchronously
+    x = batch.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def training_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of training steps for train.precision on this device."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_amx() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def cpu_has_amx() -> bool:
+    # Without AMX tiles, bf16 on a CPU is emulated and slower than float32.
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """bf16 autocast on CUDA by default; on the CPU only when `dtype` asks for it (training)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

@@ -1,0 +1,89 @@
+"""Multi-process training under torchrun: NCCL on GPUs, gloo on CPUs, chosen automatically.
+
+`torchrun --nproc_per_node=N scripts/train.py --config ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
+without them everything here is a single process and costs nothing. Every rank decision of the
+pipeline goes through a `Context`: `main` says whether this process speaks and writes for the run.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pneumo.core.device import resolve_device
+from pneumo.core.errors import PneumoError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that validates, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def rows(self) -> slice:
+        """This process's share of a global batch."""
+        return slice(self.rank, None, self.world)
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's value of `flag`, on every rank (for decisions only rank 0 can make)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the processes."""
+        if self.world > 1:
+            dist.all_reduce(values)
+        return values
+
+
+@contextmanager
+def session(device_setting: str):
+    """(Context, device) for this process; the process group, if any, is left together at the end."""
+    ctx, device = _setup(device_setting)
+    try:
+        yield ctx, device
+    except BaseException:
+        _teardown(ctx, finished=False)  # torchrun stops the other processes
+        raise
+    _teardown(ctx, finished=True)
+
+
+def _setup(device_setting: str) -> tuple[Context, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Context(), resolve_device(device_setting)
+    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
+    if device_setting == "cuda" and not use_cuda:
+        resolve_device("cuda")  # raises the usual clear error
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise PneumoError(f"process {local_rank} has no GPU: this node has {n}; use --nproc_per_node={n}")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _teardown(ctx: Context, finished: bool) -> None:
+    if ctx.world > 1 and dist.is_initialized():
+        if finished:
+            # Everyone leaves together: a process that closes its gloo connections while a peer is
+            # still reading from them makes that peer abort.
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,76 @@
+"""Files written so that a crash never leaves half of one, file hashes, and locks between processes."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from pneumo.core.errors import OutputLocked
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(file)` on a temp file beside `path`, then rename it over `path`.
+
+    A crash or kill at any point leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; others on the machine may need to read results
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _new_file_mode() -> int:
+    """What open() would give a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class FileLock:
+    """An exclusive lock between processes, held on `lock_file` with flock.
+
+    The kernel releases an flock when its holder dies, so a lock left by a killed run is simply taken
+    over. The file stays behind, harmless, holding the last holder's pid for the message. Callers key
+    it by the resolved path of what it guards, so a symlink to the same file meets the same lock.
+    """
+
+    def __init__(self, lock_file: str | Path, busy: str):
+        self.path = Path(lock_file)
+        self.busy = busy  # the error message when another process holds it; {pid} is filled in
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise OutputLocked(self.busy.format(pid=pid)) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)

@@ -1,0 +1,62 @@
+"""Loading pneumo's numba kernels where they run well, with as many threads as torch uses, and what
+the kernels' callers share: the pooling they fuse, and tensors handed over as NumPy arrays."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumo.core.logs import log
+
+
+@functools.cache
+def load(module: str, purpose: str) -> ModuleType | None:
+    """The kernel module `module`, imported (which compiles its kernels, or loads them from numba's cache),
+    or None where they cannot run well: without numba, or without an OpenMP or TBB runtime for numba's
+    threads. Numba's fallback threads wait by spinning and yielding, which takes turns from torch's
+    threads: slower than torch's own operators. Loaded, `purpose` is logged once."""
+    try:
+        import numba
+
+        try:
+            from numba.np.ufunc import omppool  # noqa: F401 (it loads only where libgomp is installed)
+        except ImportError:
+            from numba.np.ufunc import tbbpool  # noqa: F401
+        kernels = importlib.import_module(module)
+    except ImportError:
+        return None
+    if numba.config.THREADING_LAYER == "workqueue":
+        return None
+    log.info("%s (numba %s: compiled at their first use after installing)", purpose, numba.__version__)
+    return kernels
+
+
+def set_threads() -> None:
+    """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def eager_cpu_float32(x: torch.Tensor) -> bool:
+    """Whether `x` is what the kernels take: float32 on the CPU, outside autocast, tracing and compiling
+    (traced and compiled graphs, exports among them, keep torch's standard operators)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def plain_2x2(pool: nn.MaxPool2d) -> bool:
+    """Whether `pool` is the plain 2x2 max-pool (stride 2, no padding or dilation, floor mode) that the
+    kernels and the index-free pooling compute."""
+    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) == (2, 2, 0, 1, False)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """A channels_last tensor's memory as a NumPy (N, H, W, C) array (a view, any strides)."""
+    return t.detach().permute(0, 2, 3, 1).numpy()

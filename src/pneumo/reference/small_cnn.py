@@ -1,0 +1,55 @@
+"""pneumo's production architecture (pneumo.model.network.SmallCNN) in NumPy, with the same parameter names."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pneumo.reference.layers import (
+    BatchNorm2d,
+    Container,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)
+
+
+class SmallCNN(Container):
+    """features: one Conv2d(3x3)-BatchNorm2d-ReLU-MaxPool2d(2) block per channel count; head: global
+    average pooling, flatten, dropout, linear to one logit. Input (N, 1, H, W) in [0, 1]."""
+
+    def __init__(
+        self, channels, stem_stride=2, dropout=0.0, input_mean=0.5, input_std=0.25, dtype=np.float64, rng=None
+    ):
+        rng = rng or np.random.default_rng()
+        self.input_mean, self.input_std = input_mean, input_std
+        blocks, c_in = [], 1
+        for i, c_out in enumerate(channels):
+            blocks += [
+                Conv2d(
+                    c_in, c_out, 3, stride=stem_stride if i == 0 else 1, padding=1, bias=False, dtype=dtype, rng=rng
+                ),
+                BatchNorm2d(c_out, dtype=dtype),
+                ReLU(),
+                MaxPool2d(2),
+            ]
+            c_in = c_out
+        self.features = Sequential(*blocks)
+        self.head = Sequential(
+            GlobalAvgPool2d(), Flatten(), Dropout(dropout, rng=rng), Linear(c_in, 1, dtype=dtype, rng=rng)
+        )
+
+    def children(self):
+        return [("features", self.features), ("head", self.head)]
+
+    def forward(self, x):
+        x = (x - self.input_mean) / self.input_std
+        return self.head.forward(self.features.forward(x))[:, 0]
+
+    def backward(self, dlogits):
+        dx = self.features.backward(self.head.backward(dlogits[:, None]))
+        return dx / self.input_std

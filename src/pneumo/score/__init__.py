@@ -1,0 +1,2 @@
+"""Using a model in production: batch scoring for scheduled jobs (predict) and exports (TorchScript,
+ONNX)."""

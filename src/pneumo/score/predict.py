@@ -1,0 +1,347 @@
+"""Batch inference for scheduled jobs: score image files into a CSV, safely re-runnable.
+
+The output CSV is the job's state. Rows are appended a batch at a time and synced to disk, so a run
+killed at any moment keeps every row it wrote; a re-run first cuts off whatever a kill left half
+written, then skips the paths already in the file. A lock (see fileio.FileLock) keeps two runs off
+one output, whatever name they reach it by.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumo import __version__
+from pneumo.core.config import DataConfig, config_hash
+from pneumo.core.device import prepare, resolve_device
+from pneumo.core.errors import CheckpointError, PneumoError
+from pneumo.core.fileio import FileLock, file_sha256
+from pneumo.core.labels import NORMAL, PNEUMONIA
+from pneumo.core.logs import log
+from pneumo.core.progress import progress
+from pneumo.cpu import dispatch
+from pneumo.data.folder import IMAGE_SUFFIXES
+from pneumo.data.images import decode_all
+from pneumo.model.checkpoint import TrainedModel
+from pneumo.model.inference import predict
+from pneumo.model.network import SmallCNN
+from pneumo.score.export import is_torchscript, load_torchscript
+
+COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config"]
+
+
+@dataclass
+class InferenceModel:
+    """What scoring needs, from a checkpoint or an exported TorchScript file."""
+
+    network: nn.Module
+    image_size: int
+    threshold: float
+    max_pixels: int
+    model_id: str
+    config_hash: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path, trust_torchscript: bool = False) -> InferenceModel:
+        if is_torchscript(path):
+            return cls._torchscript(path, trust_torchscript)
+        model = TrainedModel.load(path)
+        data = model.config.data
+        return cls(
+            model.network().folded(),
+            data.image_size,
+            model.threshold,
+            data.max_pixels,
+            model.model_id,
+            config_hash(model.config),
+        )
+
+    @classmethod
+    def _torchscript(cls, path: str | Path, trusted: bool) -> InferenceModel:
+        if not trusted:
+            raise CheckpointError(
+                f"{path} is a TorchScript file, which is code and can do anything when run; "
+                "pass --trust-torchscript if you trust where it came from"
+            )
+        try:
+            network, meta = load_torchscript(path)
+            size, threshold = int(meta["image_size"]), float(meta["threshold"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{path} cannot be loaded as an exported model ({str(e).splitlines()[0][:200]})"
+            ) from None
+        config = meta.get("provenance", {}).get("config_sha256", "")
+        return cls(network, size, threshold, DataConfig().max_pixels, file_sha256(path)[:16], config)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This job's share of the inputs: the files whose key hashes to k modulo n (k counted from 1)."""
+
+    k: int = 1
+    n: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        k, sep, n = text.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise PneumoError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 2/8")
+        return cls(int(k), int(n))
+
+    def holds(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        return int.from_bytes(digest[:8], "big") % self.n == self.k - 1
+
+    def __str__(self) -> str:
+        return f"{self.k}/{self.n}"
+
+
+@dataclass
+class Summary:
+    total: int
+    already_done: int
+    scored: int
+    bad: int
+    seconds: float  # listing, decoding, scoring and writing: the rate is images scored per second of these
+    shard: Shard = Shard()
+    startup: float = 0.0  # getting the model ready to score (on a CPU, loading its kernels)
+
+    def line(self, out: Path) -> str:
+        rate = self.scored / self.seconds if self.seconds else 0.0
+        share = f"shard {self.shard}: " if self.shard.n > 1 else ""
+        return (
+            f"{share}{self.total} files: {self.scored} scored, {self.bad} unusable, {self.already_done} already in "
+            f"{out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in {self.startup:.1f} s"
+        )
+
+
+def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, options: PredictOptions) -> Summary:
+    """Score every image file named by `inputs` (this shard's share) that `out` does not hold yet."""
+    device = resolve_device(options.device)
+    start = time.perf_counter()
+    found = find_images(inputs)
+    files = [path for path, key in found.items() if options.shard.holds(key)]
+    if not found:
+        raise PneumoError(f"no image files found in {', '.join(inputs)}")
+    scores = ScoresCsv(out)
+    busy = "another pneumo-predict (pid {pid}) is writing " + str(scores.target) + "; try again when it has finished"
+    with FileLock(scores.lock_file, busy):
+        done = scores.repair_and_read()
+        todo = [f for f in files if f not in done]
+        log.info(
+            "%d files%s, %d already in %s, %d to score with model %s",
+            len(files),
+            f" in shard {options.shard}" if options.shard.n > 1 else "",
+            len(files) - len(todo),
+            out,
+            len(todo),
+            model.model_id,
+        )
+        # Only a run with files to score gets its model ready: a nightly job with nothing new stays quick.
+        scorer = _Scorer.ready(model, device, options.batch_size) if todo else None
+        bad = 0
+        with scores.appending() as append:
+            for paths, (images, errors) in decoded_batches(todo, options.batch_size * DECODE_BATCHES, model):
+                rows = scorer.rows(paths, images, errors)
+                bad += sum(1 for r in rows if r[4])
+                append(rows)
+    startup = scorer.startup if scorer else 0.0
+    seconds = time.perf_counter() - start - startup
+    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, seconds, options.shard, startup)
+
+
+# Files are decoded this many scoring batches at a time, the next block while the current one is
+# scored: fewer, longer turns between decoding and scoring ran faster than a batch at a time
+# (docs/performance.md), and the images of two blocks are small beside the network's activations.
+DECODE_BATCHES = 8
+
+
+@dataclass
+class PredictOptions:
+    batch_size: int = 32  # images the network scores at a time: its activations are most of the memory
+    device: str = "auto"
+    shard: Shard = Shard()
+
+
+def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
+    """(paths, (images, errors)) `batch_size` files at a time, with progress. The next batch is decoded
+    (on all cores) while the caller scores this one; at most two batches of images are in memory at once."""
+    parts = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        upcoming = ahead.submit(_decode, parts[0], model) if parts else None
+        for i, part in enumerate(progress(parts, len(parts), "predicting", unit="batch")):
+            current = upcoming.result()
+            upcoming = ahead.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
+            yield part, current
+
+
+def _decode(paths: list[str], model: InferenceModel) -> tuple[np.ndarray, dict[int, str]]:
+    return decode_all(paths, model.image_size, model.max_pixels, skip_bad=True, desc="decoding")
+
+
+@dataclass
+class _Scorer:
+    model: InferenceModel
+    network: nn.Module
+    device: torch.device
+    batch_size: int
+    startup: float = 0.0
+
+    @classmethod
+    def ready(cls, model: InferenceModel, device: torch.device, batch_size: int) -> _Scorer:
+        """A scorer whose network is on `device` and, on a CPU, whose kernels are loaded (numba compiles
+        them at the first run after installing), before the first file is decoded."""
+        start = time.perf_counter()
+        network = prepare(model.network, device)
+        if device.type == "cpu" and any(isinstance(m, SmallCNN) for m in network.modules()):
+            dispatch.warm_up()
+        return cls(model, network, device, batch_size, time.perf_counter() - start)
+
+    def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
+        ok = [i for i in range(len(paths)) if i not in errors]
+        probs = np.zeros(0)
+        if ok:
+            probs = predict(self.network, torch.from_numpy(images[ok]), self.batch_size, self.device, desc="scoring")
+        scored = dict(zip(ok, probs, strict=True))
+        provenance = [__version__, str(torch.__version__), self.model.config_hash]
+        rows = []
+        for i, path in enumerate(paths):
+            p = scored.get(i)
+            if p is not None and not np.isfinite(p):
+                errors[i], p = "the model gave no finite probability for this image", None
+            if p is None:
+                rows.append([path, "", "", self.model.model_id, errors[i], *provenance])
+            else:
+                label = PNEUMONIA if p >= self.model.threshold else NORMAL
+                rows.append([path, f"{p:.6f}", label, self.model.model_id, "", *provenance])
+        return rows
+
+
+def find_images(inputs: list[str]) -> dict[str, str]:
+    """{resolved path: shard key} of the image files named by `inputs`: folders (searched recursively;
+    key: the path inside the folder), image files (key: as given) and CSV lists whose `path` column (else
+    first column) names files relative to the CSV (key: as written). The keys do not depend on where
+    the data is mounted, so a shard holds the same files on every machine. Named files are kept
+    whatever they are, so that one that cannot be read gets a row saying why."""
+    found: dict[str, str] = {}
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."):
+                    found.setdefault(str(f.resolve()), f.relative_to(p).as_posix())
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            for name in _csv_list(p):
+                found.setdefault(str((p.parent / name).resolve()), name)
+        elif os.path.lexists(p):
+            found.setdefault(str(p.resolve()), item)
+        else:
+            raise PneumoError(f"input {item} does not exist")
+    return dict(sorted(found.items()))
+
+
+def _csv_list(path: Path) -> list[str]:
+    """The paths a CSV list names, as written (relative to the CSV unless absolute). Bytes that are not
+    UTF-8 are kept as the file system would name them; short rows are skipped."""
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise PneumoError(f"input list {path} is not a readable CSV ({e})") from None
+    has_header = bool(rows) and "path" in rows[0]
+    column = rows[0].index("path") if has_header else 0
+    return [r[column].strip() for r in rows[has_header:] if len(r) > column and r[column].strip()]
+
+
+class ScoresCsv:
+    """The output CSV. Paths are written as the file system holds them (bytes that are not UTF-8 stay
+    as they are), fields with line breaks quoted, so every path reads back as it was written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.target = self.path.resolve()  # a symlink and its target share one lock
+        self.lock_file = self.target.with_name(self.target.name + ".lock")
+
+    def repair_and_read(self) -> set[str]:
+        """Paths already in the file, after cutting off whatever follows its last complete row."""
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        if data.startswith(encode_row(COLUMNS[:5])) and not data.startswith(encode_row(COLUMNS)):
+            raise PneumoError(
+                f"{self.path} was written by an older pneumo-predict (without the provenance columns "
+                f"{', '.join(COLUMNS[5:])}); write to a new file"
+            )
+        if data and not data.startswith(encode_row(COLUMNS)):
+            raise PneumoError(
+                f"{self.path} exists and is not a pneumo-predict output (it does not start with the "
+                f"header {','.join(COLUMNS)})"
+            )
+        rows, good = _complete_rows(data)
+        if good < len(data):
+            log.warning("%s ended in an incomplete row (an earlier run was killed); removing it", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return {r[0] for r in rows[1:]}
+
+    def appending(self):
+        return _Appender(self.path)
+
+
+class _Appender:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size == 0:
+            self([COLUMNS])
+        return self
+
+    def __call__(self, rows: list[list[str]]) -> None:
+        # One write per batch, then fsync: a kill after this returns cannot lose these rows.
+        view = memoryview(b"".join(encode_row(r) for r in rows))
+        while view:
+            view = view[os.write(self.fd, view) :]
+        os.fsync(self.fd)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def encode_row(row: list[str]) -> bytes:
+    buf = io.StringIO()
+    # csv quotes a field with "\n" in it, but not one with only "\r", which readers take as a line end.
+    quoting = csv.QUOTE_ALL if any("\r" in field for field in row) else csv.QUOTE_MINIMAL
+    csv.writer(buf, lineterminator="\n", quoting=quoting).writerow(row)
+    return buf.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def _complete_rows(data: bytes) -> tuple[list[list[str]], int]:
+    """The rows of an output file, and how many of its bytes they fill: each row is checked by writing
+    it again, so a row cut short anywhere (even just after a line break inside a quoted path) ends
+    the good part."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""), strict=True)
+    rows, good = [], 0
+    while True:
+        try:
+            row = next(reader)
+        except (StopIteration, csv.Error):  # the end, or a quoted field cut off by the end
+            return rows, good
+        encoded = encode_row(row)
+        if len(row) != len(COLUMNS) or data[good : good + len(encoded)] != encoded:
+            return rows, good
+        rows.append(row)
+        good += len(encoded)

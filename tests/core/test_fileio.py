@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+from pneumo.core.errors import OutputLocked
+from pneumo.core.fileio import FileLock, atomic_write, file_sha256
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, crash)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_new_file(tmp_path):
+    # Temp files are created 0600; a checkpoint on a shared machine must be readable as usual.
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "shared.pt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_file_sha256(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+    with FileLock(tmp_path / "x.lock", "busy: pid {pid}"):
+        with pytest.raises(OutputLocked, match=f"busy: pid {os.getpid()}"):
+            with FileLock(tmp_path / "x.lock", "busy: pid {pid}"):
+                pass
+    with FileLock(tmp_path / "x.lock", "busy"):  # released when the holder leaves
+        pass

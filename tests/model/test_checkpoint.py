@@ -1,0 +1,82 @@
+import os
+
+import pytest
+import torch
+
+from pneumo.core.errors import CheckpointError
+from pneumo.model.checkpoint import TrainedModel, read_checkpoint, save_checkpoint
+from pneumo.model.network import build_model
+
+
+def saved(tmp_path, tiny_config, name="m.pt", **changes) -> tuple:
+    cfg = tiny_config()
+    model = build_model(cfg.model).eval()
+    trained = TrainedModel(config=cfg, members=[model.state_dict()], threshold=0.4, threshold_method="youden")
+    payload = {**trained.payload(), **changes}
+    save_checkpoint(tmp_path / name, payload)
+    return tmp_path / name, model
+
+
+def test_round_trip(tmp_path, tiny_config):
+    path, model = saved(tmp_path, tiny_config)
+    loaded = TrainedModel.load(path)
+    assert loaded.threshold == 0.4 and loaded.config == tiny_config() and len(loaded.model_id) == 16
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(loaded.network()(x), model(x))
+
+
+def test_overrides_adapt_the_config_to_this_machine(tmp_path, tiny_config):
+    path, _ = saved(tmp_path, tiny_config)
+    assert TrainedModel.load(path, ["device=cpu", "train.eval_batch_size=7"]).config.train.eval_batch_size == 7
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TrainedModel.load(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint \\(not a file saved by torch\\)") as err:
+        TrainedModel.load(tmp_path / "text.pt")
+    assert "weights_only" not in str(err.value)  # no advice to load untrusted files unsafely
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a pneumo checkpoint"):
+        TrainedModel.load(tmp_path / "other.pt")
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        TrainedModel.load(tmp_path / "fifo.pt")  # refused without opening it: reading a FIFO would block
+
+
+def test_weights_of_another_architecture(tmp_path, tiny_config):
+    other = build_model(tiny_config(model={"channels": [4, 4]}).model)
+    path, _ = saved(tmp_path, tiny_config, members=[other.state_dict()])
+    with pytest.raises(CheckpointError, match="does not match the model it describes"):
+        TrainedModel.load(path)
+
+
+@pytest.mark.parametrize("threshold", [None, "abc", float("nan"), 1.5])
+def test_unusable_thresholds(tmp_path, tiny_config, threshold):
+    path, _ = saved(tmp_path, tiny_config, threshold=threshold)
+    with pytest.raises(CheckpointError, match="has no usable threshold"):
+        TrainedModel.load(path)
+
+
+def test_damaged_weights_are_caught_by_the_checksum(tmp_path, tiny_config):
+    path, _ = saved(tmp_path, tiny_config)
+    data = bytearray(path.read_bytes())
+    # Overwrite 64 bytes inside the stored tensors (the zip stays valid: its entries are stored, not compressed).
+    raw = read_checkpoint(path)
+    target = raw["members"][0]["features.0.weight"].numpy().tobytes()[:16]
+    at = bytes(data).find(target)
+    assert at > 0
+    data[at : at + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        TrainedModel.load(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_config):
+    model = build_model(tiny_config().model)
+    state = model.state_dict()
+    state["head.3.weight"][0, 0] = float("nan")
+    path, _ = saved(tmp_path, tiny_config, members=[state])
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        TrainedModel.load(path)

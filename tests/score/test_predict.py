@@ -1,0 +1,281 @@
+"""pneumo-predict as cron runs it: real processes, kills, re-runs, locks, exit codes."""
+
+import csv
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_images, run_script
+from pneumo.cli import predict_main
+from pneumo.score import predict as predict_module
+from pneumo.score.predict import COLUMNS, InferenceModel, decoded_batches, find_images
+
+
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint
+
+
+def read(out: Path) -> list[dict]:
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
+
+
+def predict_cli(*args):
+    return run_script("predict.py", *args)
+
+
+def test_scores_folders_files_and_csv_lists(tmp_path, checkpoint):
+    paths = make_images(tmp_path / "imgs", 6)
+    (tmp_path / "list.csv").write_text("path\n" + f"imgs/{paths[0].parent.name}/{paths[0].name}\n")
+    (tmp_path / "imgs" / "notes.txt").write_text("ignored")
+    hidden = paths[0].parent / f"._{paths[0].name}"  # the resource fork macOS leaves beside a copied file
+    hidden.write_bytes(b"\0\5\26\7")
+    assert len(find_images([str(tmp_path / "imgs"), str(paths[1]), str(tmp_path / "list.csv")])) == 6
+    assert str(hidden.resolve()) in find_images([str(hidden)])  # named on purpose: kept, and its row says why
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 0
+    rows = read(out)
+    assert list(rows[0]) == COLUMNS and len(rows) == 6
+    assert {r["path"] for r in rows} == {str(p.resolve()) for p in paths}
+    for r in rows:
+        p = float(r["probability"])
+        assert 0 < p < 1 and r["error"] == "" and len(r["model"]) == 16
+        assert r["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_rerun_skips_and_bad_files_are_listed(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "broken.jpeg").write_text("not an image")
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]
+    assert predict_main(args) == 4  # finished, but one file could not be scored
+    bad = [r for r in read(out) if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.jpeg") and "cannot identify" in bad[0]["error"]
+    make_images(tmp_path / "imgs" / "new", 2)
+    assert predict_main(args) == 0  # only the two new files were left, and they scored
+    rows = read(out)
+    assert len(rows) == 7 and len({r["path"] for r in rows}) == 7
+
+
+def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 300, size=64)
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", checkpoint, "--out", out, "--batch-size", "8", tmp_path / "imgs"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "predict.py"), *map(str, args)],
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n") - 1
+    assert 0 < written < 300, "the run must be killed part way for this test to mean anything"
+    # Simulate the worst moment for a kill: half a line written.
+    with open(out, "a") as f:
+        f.write("/half/a/line.png,0.12")
+    result = predict_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "incomplete row" in result.stderr
+    rows = read(out)
+    assert len(rows) == 300 and len({r["path"] for r in rows}) == 300
+    assert all(r["probability"] and not r["error"] for r in rows)
+    assert f"300 files: {300 - written} scored, 0 unusable, {written} already in" in result.stdout
+
+
+def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "scores.csv"
+    lock = tmp_path / "scores.csv.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another live run holds it
+    os.write(fd, b"4242\n")
+    result = predict_cli("--checkpoint", checkpoint, "--out", out, tmp_path / "imgs")
+    assert result.returncode == 5 and "another pneumo-predict (pid 4242) is writing " + str(out) in result.stderr
+    os.close(fd)  # the holder dies: its lock goes with it, the file stays behind
+    assert lock.exists()
+    result = predict_cli(
+        "--checkpoint", checkpoint, "--out", out, "--log-file", tmp_path / "job.log", tmp_path / "imgs"
+    )
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "job.log").read_text()
+    assert "2 to score with model" in log and "2 files: 2 scored, 0 unusable" in log
+    assert "2 files: 2 scored, 0 unusable" in result.stdout
+
+
+def test_exit_codes_for_bad_arguments_and_checkpoints(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 1)
+    (tmp_path / "junk.pt").write_bytes(os.urandom(100))
+    assert (
+        predict_cli("--checkpoint", tmp_path / "junk.pt", "--out", tmp_path / "o.csv", tmp_path / "imgs").returncode
+        == 3
+    )
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "o.csv", tmp_path / "missing")
+    assert result.returncode == 2 and "input" in result.stderr and "does not exist" in result.stderr
+    assert predict_cli("--checkpoint", checkpoint, tmp_path / "imgs").returncode == 2  # no --out
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "other.csv", tmp_path / "imgs")
+    assert result.returncode == 2 and "is not a pneumo-predict output" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def odd_names(folder: Path) -> list[bytes]:
+    """Images whose names hold a line feed, a carriage return, a quote, a comma and a byte that is not UTF-8."""
+    make_images(folder, 1)
+    (good,) = folder.rglob("*.png")
+    names = [b"new\nline.png", b"carriage\rreturn.png", b'quote",comma.png', b"bad\xff.png"]
+    for name in names:
+        with open(os.fsencode(folder) + b"/" + name, "wb") as f:
+            f.write(good.read_bytes())
+    return names
+
+
+def test_odd_file_names_round_trip_through_the_csv(tmp_path, checkpoint):
+    names = odd_names(tmp_path / "imgs")
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]
+    assert predict_main(args) == 0
+    rows = read(out)
+    assert len(rows) == 5 and all(r["probability"] for r in rows)
+    assert {os.fsencode(r["path"]).rsplit(b"/", 1)[1] for r in rows} >= set(names)
+    # Cut the file right after the line feed inside the first quoted path, as a kill could.
+    data = out.read_bytes()
+    header_end = data.index(b"\n") + 1
+    out.write_bytes(data[: data.index(b"new\n", header_end) + 4])
+    result = predict_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "incomplete row" in result.stderr
+    rows = read(out)
+    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5  # every file once, none scored twice
+    assert predict_main(args) == 0 and len(read(out)) == 5  # and a third run reads its own output
+
+
+def test_a_fifo_in_an_input_list_is_a_row_not_a_hang(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "list.csv").write_bytes(b"path,label\npipe.png\nimgs/a/img0001.png,x\n,\n\xff\xfe.png\n")
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "list.csv")]) == 4
+    errors = {Path(r["path"]).name: r["error"] for r in read(out)}
+    assert "not a regular file" in errors["pipe.png"] and errors["img0001.png"] == ""
+    assert "file not found" in [e for name, e in errors.items() if name.startswith("\udcff")][0]
+
+
+def test_a_symlink_to_the_output_meets_the_same_lock(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "scores.csv"
+    out.write_bytes(b"")
+    (tmp_path / "alias.csv").symlink_to(out)
+    fd = os.open(tmp_path / "scores.csv.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a run writing scores.csv
+    try:
+        result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "alias.csv", tmp_path / "imgs")
+        assert result.returncode == 5 and f"is writing {out}" in result.stderr
+    finally:
+        os.close(fd)
+
+
+def test_shards_split_the_inputs_without_overlap(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 30)
+    outs = [tmp_path / f"shard-{k}.csv" for k in (1, 2, 3)]
+    for k, out in enumerate(outs, 1):
+        args = ["--checkpoint", str(checkpoint), "--out", str(out), "--shard", f"{k}/3", str(tmp_path / "imgs")]
+        assert predict_main(args) == 0
+    paths = [[r["path"] for r in read(out)] for out in outs]
+    assert sorted(sum(paths, [])) == sorted(str(p.resolve()) for p in (tmp_path / "imgs").rglob("*.png"))
+    assert all(paths), [len(p) for p in paths]  # every share gets some of the 30 files
+    # The same share on another machine, where the folder is mounted elsewhere.
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "imgs")
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(tmp_path / "imgs", moved)
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "again.csv"), "--shard", "2/3", str(moved)]
+    assert predict_main(args) == 0
+    assert sorted(Path(r["path"]).name for r in read(tmp_path / "again.csv")) == sorted(Path(p).name for p in paths[1])
+    assert (
+        predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "x.csv", "--shard", "4/3", tmp_path).returncode == 2
+    )
+
+
+def test_rows_record_what_made_them(tmp_path, checkpoint):
+    import torch
+
+    from pneumo import __version__
+    from pneumo.core.config import config_hash
+    from pneumo.model.checkpoint import TrainedModel
+
+    make_images(tmp_path / "imgs", 1)
+    assert (
+        predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]) == 0
+    )
+    (row,) = read(tmp_path / "s.csv")
+    assert (row["pneumo"], row["torch"]) == (__version__, str(torch.__version__))
+    assert row["config"] == config_hash(TrainedModel.load(checkpoint).config)
+
+
+def test_an_unwritable_log_file_is_one_sentence(tmp_path, checkpoint):
+    make_images(tmp_path / "imgs", 1)
+    result = predict_cli(
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "s.csv",
+        "--log-file",
+        tmp_path / "no" / "x.log",
+        tmp_path / "imgs",
+    )
+    assert result.returncode == 2 and "--log-file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, monkeypatch):
+    make_images(tmp_path / "imgs", 2)
+    monkeypatch.setattr("pneumo.score.predict.predict", lambda *a, **k: np.array([np.nan, 0.4]))
+    assert (
+        predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]) == 4
+    )
+    rows = read(tmp_path / "s.csv")
+    assert [r["label"] for r in rows] == ["", "NORMAL"] and "no finite probability" in rows[0]["error"]
+
+
+def test_progress_moves_with_the_batches_scored(tmp_path, checkpoint, monkeypatch):
+    """The progress bar (or log line) counts a batch when it is handed over to be scored, not earlier."""
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 6)]
+    pulled = []
+
+    def recording(items, total, desc, unit="it"):
+        for item in items:
+            pulled.append(len(item))
+            yield item
+
+    monkeypatch.setattr(predict_module, "progress", recording)
+    seen = []
+    for part, (images, errors) in decoded_batches(paths, 2, InferenceModel.load(checkpoint)):
+        seen.append(len(pulled))
+        assert len(images) == len(part) and not errors
+    assert seen == [1, 2, 3] and pulled == [2, 2, 2]
+
+
+def test_the_model_is_made_ready_only_when_there_is_something_to_score(tmp_path, checkpoint, monkeypatch, capsys):
+    """Getting the model ready (on a CPU, loading the kernels) is start-up: reported on its own, kept out of
+    the rate, and skipped by a re-run with nothing new."""
+    make_images(tmp_path / "imgs", 3)
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]
+    made_ready = []
+    ready = predict_module._Scorer.ready
+    monkeypatch.setattr(predict_module._Scorer, "ready", lambda *a: made_ready.append(1) or ready(*a))
+    assert predict_main(args) == 0 and made_ready == [1]
+    assert "3 scored" in capsys.readouterr().out.splitlines()[-1]
+    assert predict_main(args) == 0 and made_ready == [1]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(0.0 images/s), model ready in 0.0 s")

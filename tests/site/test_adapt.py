@@ -1,0 +1,102 @@
+"""pneumo-calibrate: a model adapted to a site from a labelled sample of the site's images."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_clean_failure, call
+from pneumo.cli import calibrate_main, evaluate_main, predict_main
+from pneumo.core.errors import PneumoError
+from pneumo.core.fileio import file_sha256
+from pneumo.data.synthetic import make_split
+from pneumo.model.checkpoint import TrainedModel
+from pneumo.site.adapt import MIN_PER_CLASS, calibrate, equal_odds_threshold, load_sample
+
+
+def site_folder(root, n_per_class: int, darken: float = 0.0, seed: int = 3):
+    """A site's labelled folder of synthetic X-rays (32x32), optionally rendered darker than training's."""
+    images, labels = make_split("test", 4 * n_per_class, 32, 0.5, seed=seed)
+    counts = {0: 0, 1: 0}
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        if counts[int(label)] == n_per_class:
+            continue
+        counts[int(label)] += 1
+        folder = root / ("PNEUMONIA" if label else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        shifted = np.clip(image.astype(float) * (1 - darken), 0, 255).astype(np.uint8)
+        Image.fromarray(shifted).save(folder / f"{'person' if label else 'IM-'}{i:04d}_x.png")
+    return root
+
+
+def test_calibrate_refits_the_map_and_threshold_and_records_the_sample(tmp_path, trained_checkpoint):
+    folder = site_folder(tmp_path / "site", 15, darken=0.3)
+    before = file_sha256(trained_checkpoint)
+    result = call(calibrate_main, "--checkpoint", trained_checkpoint, "--out", tmp_path / "site.pt", folder)
+    assert result.returncode == 0, result.stderr
+    assert file_sha256(trained_checkpoint) == before  # the input checkpoint is untouched
+    assert "warning: the sample holds 15 NORMAL and 15 PNEUMONIA" in result.stdout  # fewer than trusted
+    for row in ("auc", "accuracy", "sensitivity", "specificity", "ece", "threshold"):
+        assert row in result.stdout
+    site = TrainedModel.load(tmp_path / "site.pt")
+    original = TrainedModel.load(trained_checkpoint)
+    record = site.provenance["site_calibration"]
+    assert (record["n"], record["n_normal"], record["n_pneumonia"]) == (30, 15, 15)
+    assert len(record["files_sha256"]) == 64 and record["from_model"] == original.model_id and record["date"]
+    assert site.threshold == pytest.approx(0.5)  # equal odds on a balanced sample
+    assert site.calibration != original.calibration and site.members[0].keys() == original.members[0].keys()
+    # The other commands take it like any checkpoint.
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(tmp_path / "site.pt"), "--out", str(out), str(folder)]) == 0
+    assert call(evaluate_main, "--checkpoint", tmp_path / "site.pt", "--out", tmp_path / "e").returncode == 0
+
+
+def test_the_sample_is_scored_before_and_after_with_patient_intervals(tmp_path, trained_checkpoint):
+    model = TrainedModel.load(trained_checkpoint)
+    sample = load_sample([str(site_folder(tmp_path / "site", 20, darken=0.4))], 32, 10**8)
+    result = calibrate(model, sample, bootstrap=200)
+    for m in (result.before, result.after, result.after_cross_validated):
+        assert set(m["ci95"]) >= {"auc", "accuracy"} and m["bootstrap_unit"] == "images"
+    assert result.after["auc"] == pytest.approx(result.before["auc"])  # a monotone map keeps the ranking
+    # The new threshold balances the two errors where the old one, fitted to training's scores, may not.
+    gap = lambda m: abs(m["sensitivity"] - m["specificity"])
+    assert gap(result.after) <= gap(result.before) + 1e-9
+
+
+def test_csv_manifests_and_patient_ids(tmp_path, trained_checkpoint):
+    folder = site_folder(tmp_path / "site", 12)
+    rows = ["path,label,patient_id"]
+    for i, f in enumerate(sorted(folder.rglob("*.png"))):
+        rows.append(f"{f.relative_to(tmp_path)},{f.parent.name},p{i // 2}")
+    (tmp_path / "sample.csv").write_text("\n".join(rows) + "\n")
+    sample = load_sample([str(tmp_path / "sample.csv")], 32, 10**8)
+    assert len(sample.labels) == 24 and len(set(sample.patients)) == 12
+    result = calibrate(TrainedModel.load(trained_checkpoint), sample, bootstrap=50)
+    assert result.before["bootstrap_unit"] == "patients"
+
+
+def test_equal_odds_threshold_is_the_sample_prevalence():
+    assert equal_odds_threshold(np.array([0, 0, 0, 1])) == 0.25
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda d: site_folder(d, 12) and [p.unlink() for p in (d / "PNEUMONIA").iterdir()], "NORMAL images only"),
+        (lambda d: site_folder(d, MIN_PER_CLASS - 1), f"needs at least {MIN_PER_CLASS} of each"),
+        (lambda d: site_folder(d, 12) and (d / "NORMAL" / "IM-9999_x.png").write_text("junk"), "IM-9999_x.png"),
+        (lambda d: (d / "NORMAL").mkdir(parents=True), "PNEUMONIA does not exist"),
+    ],
+)
+def test_unusable_samples_are_one_sentence_and_exit_2(tmp_path, trained_checkpoint, make, phrase):
+    make(tmp_path / "site")
+    result = call(calibrate_main, "--checkpoint", trained_checkpoint, "--out", tmp_path / "new.pt", tmp_path / "site")
+    assert_clean_failure(result, phrase)
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_the_input_checkpoint_is_never_overwritten(tmp_path, trained_checkpoint):
+    site_folder(tmp_path / "site", 12)
+    result = call(calibrate_main, "--checkpoint", trained_checkpoint, "--out", trained_checkpoint, tmp_path / "site")
+    assert_clean_failure(result, "is the input checkpoint")
+    with pytest.raises(PneumoError, match="neither a folder"):
+        load_sample([str(tmp_path / "nothing")], 32, 10**8)
