@@ -143,3 +143,19 @@ def test_the_cards_front_matter_equals_the_checkpoints_own_metrics():
     for key, value in stated.items():
         assert value == round(model.val_metrics["auc" if key == "roc_auc" else key], 4), key
     assert meta["pneumo"]["threshold"] == round(model.threshold, 4)
+
+
+def test_the_bundled_models_logits_are_the_ones_recorded_before_the_redesign():
+    """The logits of 24 synthetic X-rays, recorded with the code before the subpackages (commit c9b7d64),
+    with the CPU kernels on and off. Equal bit for bit on the machine that recorded them; the bound
+    leaves room only for another CPU's kernels rounding differently (float32 logits near 5)."""
+    from pneumo.cpu import kernels
+    from pneumo.data.synthetic import make_split
+
+    recorded = json.loads((ROOT / "tests" / "model" / "bundled_logits.json").read_text())
+    images, _ = make_split("test", 24, 224, 0.5, 7)
+    model = TrainedModel.load(MODEL)
+    for enabled in (True, False):
+        with kernels(enabled):
+            logits = model.logits(images)
+        assert np.abs(logits - np.array(recorded["logits"])).max() <= 2e-5, enabled
