@@ -59,7 +59,7 @@ def run(args) -> int:
     optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.01)
     loss_fn = nn.BCEWithLogitsLoss()
     forward = torch.compile(model) if args.variant == "compile" else model
-    dtype = torch.bfloat16 if args.variant == "bf16" else None
+    dtype = torch.bfloat16 if args.variant == "bf16" else torch.float32
 
     def step():
         with autocast(torch.device("cpu"), dtype):

@@ -28,3 +28,19 @@ def test_the_median_run_is_reported_with_its_own_result(monkeypatch):
     once = iter([(5.0, "only")])
     monkeypatch.setattr(benchmark, "_timed", lambda device, work: next(once))
     assert benchmark._median_timed(torch.device("cpu"), None, 1) == (5.0, "only")
+
+
+def test_a_gpus_peak_is_found_by_its_whole_name(monkeypatch):
+    from benchmarks.pipelines import gpu_peak_tflops
+
+    for name, tflops in (
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA A10G", 70.0),
+        ("Tesla T4", None),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert gpu_peak_tflops(torch.device("cuda")) == tflops, name

@@ -80,3 +80,34 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_config):
     path, _ = saved(tmp_path, tiny_config, members=[state])
     with pytest.raises(CheckpointError, match="non-finite weights"):
         TrainedModel.load(path)
+
+
+@pytest.fixture
+def trained_on_cuda(tmp_path, trained_checkpoint):
+    """The tiny trained model as a GPU run saves it: its config says device: cuda."""
+    raw = read_checkpoint(trained_checkpoint)
+    raw["config"]["device"] = "cuda"
+    path = tmp_path / "cuda.pt"
+    save_checkpoint(path, {k: v for k, v in raw.items() if k not in ("format", "weights_sha256")})
+    return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a machine without CUDA")
+def test_where_a_model_was_trained_never_decides_where_it_runs(tmp_path, trained_on_cuda):
+    from conftest import assert_clean_failure, call
+    from pneumo.cli import calibrate_main, evaluate_main, predict_main
+    from pneumo.data.synthetic import write_folder
+
+    model = TrainedModel.load(trained_on_cuda)
+    assert model.config.device == "cuda" and model.device == "auto"  # kept as provenance, not obeyed
+    write_folder(tmp_path / "site", {"test": 40}, size=32)
+    site = tmp_path / "site" / "test"
+    for result in (
+        call(evaluate_main, "--checkpoint", trained_on_cuda, "--out", tmp_path / "eval", "--bootstrap", "0"),
+        call(predict_main, "--checkpoint", trained_on_cuda, "--out", tmp_path / "scores.csv", site),
+        call(calibrate_main, "--checkpoint", trained_on_cuda, "--out", tmp_path / "site.pt", site),
+    ):
+        assert result.returncode == 0, result.stderr
+    asked = call(evaluate_main, "--checkpoint", trained_on_cuda, "--out", tmp_path / "e2", "--set", "device=cuda")
+    assert_clean_failure(asked, "cuda")
+    assert not (tmp_path / "e2").exists()

@@ -108,8 +108,8 @@ class TrainConfig:
     # for a site whose scores shift either way (see docs/new-site.md); fixed is fixed_threshold.
     threshold: Literal["fixed", "max_f1", "youden", "balanced", "midpoint"] = "youden"
     fixed_threshold: float = field(default=0.5, metadata=_range(0, 1))
-    # Training arithmetic. auto: bf16 autocast on CUDA and on CPUs with AMX, float32 elsewhere (without
-    # AMX, bf16 on a CPU is emulated). Inference on a CPU is always float32, reproducible to the last digit.
+    # Training arithmetic. auto: bf16 autocast on GPUs that support it and on CPUs with AMX, float32
+    # elsewhere (without AMX, bf16 on a CPU is emulated). Inference is float32 on every device.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # An ensemble: this many networks, trained with seeds seed, seed + 1, ..., whose logits are averaged.
     members: int = field(default=1, metadata=_range(1, 16))

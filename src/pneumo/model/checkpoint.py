@@ -51,6 +51,9 @@ class TrainedModel:
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
     model_id: str = ""  # the first 16 hex digits of the file's SHA-256
+    # Where this machine runs it: `auto` unless the loader was told (--set device=...). The device in
+    # `config` is where it was trained, which says nothing about this machine.
+    device: str = "auto"
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> TrainedModel:
@@ -80,6 +83,9 @@ class TrainedModel:
                 path=path,
                 model_id=file_sha256(path)[:16],
             )
+            if any(item.partition("=")[0].strip() == "device" for item in overrides):
+                model.device = model.config.device
+                resolve_device(model.device)  # a device this machine lacks stops the command here
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path} is not a complete pneumo checkpoint (missing or malformed {e})") from None
         model.network()  # the weights must fit the architecture the config describes
@@ -103,8 +109,8 @@ class TrainedModel:
 
     def logits(self, images: np.ndarray, device: torch.device | None = None, desc: str = "predicting") -> np.ndarray:
         """The calibrated logits (float64) for uint8 images (N, H, W), by the folded network on `device`
-        (default: the config's), in batches of train.eval_batch_size."""
-        device = device or resolve_device(self.config.device)
+        (default: `self.device`), in batches of train.eval_batch_size."""
+        device = device or resolve_device(self.device)
         network = prepare(self.network().folded(), device)
         return logits(
             network, torch.from_numpy(np.ascontiguousarray(images)), self.config.train.eval_batch_size, device, desc
