@@ -26,8 +26,8 @@ def assemble_members(args) -> None:
     data = load_config(args.config, args.set)  # where the data is on this machine; not stored in the model
     members = sorted(Path(m) for m in args.members)
     check_members(cfg, members)
-    val = load_split(data, "val")
-    model = assemble(cfg, sorted(members, key=lambda p: str(p)), val, resolve_device(data.device))
+    splits = (load_split(data, "train"), load_split(data, "val"))
+    model = assemble(cfg, sorted(members, key=lambda p: str(p)), splits, resolve_device(data.device))
     save_checkpoint(args.out, model.payload())
     m = model.val_metrics
     print(

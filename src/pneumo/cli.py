@@ -3,7 +3,8 @@ body per command, the same code under both names.
 
 Exit codes, for scheduled jobs: 0 done; 2 a problem with the input (config, paths, images, arguments),
 explained in one line on stderr; 3 the checkpoint cannot be used; 4 finished, but some files could
-not be scored (pneumo-predict); 5 another run holds the output or run directory; 130 interrupted
+not be scored (pneumo-predict); 5 another run holds the output or run directory; 6 finished, but more
+of the files scored than --fail-on-ood allows are out of the model's scope (pneumo-predict); 130 interrupted
 (Ctrl-C); 143 terminated (SIGTERM); 1 a bug, with a traceback. Heavy modules (torch) are imported
 inside the command bodies, so a bad argument or config is reported before paying for them.
 """
@@ -27,7 +28,7 @@ from pneumo.core.logs import log, logging_to, setup_logging
 from pneumo.core.process import Terminated, idle_threads_sleep, sigterm_raises, tune_allocator
 from pneumo.cpu import environment_setting
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD = 0, 1, 2, 4
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_SOME_BAD, EXIT_OUT_OF_SCOPE = 0, 1, 2, 4, 6
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
@@ -49,11 +50,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/quickstart.yaml")
     _set_option(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this model's weights (sets train.init_from)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (overrides applied) and exit")
 
 
 def _train(args) -> int | None:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *([f"train.init_from={args.init}"] if args.init else [])])
     if args.print_config:
         return _print_yaml(to_dict(cfg))
     from pneumo.train.run import train
@@ -144,6 +146,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --checkpoint to be an exported TorchScript file (TorchScript is code: only files you trust)",
     )
+    p.add_argument(
+        "--fail-on-ood",
+        type=float,
+        metavar="FRACTION",
+        help="exit 6 when more than this share of the files scored is out of the model's scope (ood = 1)",
+    )
 
 
 def _predict(args) -> int:
@@ -152,11 +160,20 @@ def _predict(args) -> int:
     idle_threads_sleep()
     from pneumo.score.predict import InferenceModel, PredictOptions, Shard, run_predict
 
+    fail_on_ood = args.fail_on_ood
+    if fail_on_ood is not None and not 0 <= fail_on_ood <= 1:
+        raise PneumoError(f"--fail-on-ood {fail_on_ood}: expected a share between 0 and 1")
     options = PredictOptions(args.batch_size, args.device, Shard.parse(args.shard))
     model = InferenceModel.load(_checkpoint(args), trust_torchscript=args.trust_torchscript)
+    if fail_on_ood is not None and model.applicability is None:
+        raise PneumoError(
+            "--fail-on-ood: this model carries no applicability check (an export, or an older checkpoint)"
+        )
     summary = run_predict(model, args.inputs, args.out, options)
     log.info("%s", summary.line(args.out))  # the log file gets the summary too
     print(f"pneumo-predict: {summary.line(args.out)}")
+    if fail_on_ood is not None and summary.out_of_scope_share > fail_on_ood:
+        return EXIT_OUT_OF_SCOPE
     return EXIT_SOME_BAD if summary.bad else EXIT_OK
 
 
@@ -211,6 +228,8 @@ def _calibrate(args) -> None:
     result = calibrate(model, sample, args.method, args.bootstrap, args.seed)
     save_checkpoint(args.out, result.model.payload())
     print(calibration_table(result, sample))
+    if result.out_of_scope is not None:
+        print(f"out of the model's scope (applicability check): {100 * result.out_of_scope:.1f}% of the sample")
     for warning in result.warnings:
         print(f"warning: {warning}")
     print(f"pneumo-calibrate: wrote {args.out} (threshold {result.model.threshold:.4f}); {model.path} is unchanged")

@@ -3,6 +3,7 @@
 import csv
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, make_images, run_script
 from pneumo.cli import predict_main
@@ -90,7 +92,8 @@ def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
     rows = read(out)
     assert len(rows) == 300 and len({r["path"] for r in rows}) == 300
     assert all(r["probability"] and not r["error"] for r in rows)
-    assert f"300 files: {300 - written} scored, 0 unusable, {written} already in" in result.stdout
+    flagged = r"( \(\d+ out of the model's scope\))?"
+    assert re.search(rf"300 files: {300 - written} scored{flagged}, 0 unusable, {written} already in", result.stdout)
 
 
 def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, checkpoint):
@@ -109,8 +112,8 @@ def test_lock_stops_a_second_writer_and_stale_locks_are_taken_over(tmp_path, che
     )
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "job.log").read_text()
-    assert "2 to score with model" in log and "2 files: 2 scored, 0 unusable" in log
-    assert "2 files: 2 scored, 0 unusable" in result.stdout
+    summary = r"2 files: 2 scored( \(\d out of the model's scope\))?, 0 unusable"
+    assert "2 to score with model" in log and re.search(summary, log) and re.search(summary, result.stdout)
 
 
 def test_exit_codes_for_bad_arguments_and_checkpoints(tmp_path, checkpoint):
@@ -241,7 +244,8 @@ def test_an_unwritable_log_file_is_one_sentence(tmp_path, checkpoint):
 
 def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, monkeypatch):
     make_images(tmp_path / "imgs", 2)
-    monkeypatch.setattr("pneumo.score.predict.predict", lambda *a, **k: np.array([np.nan, 0.4]))
+    logits = np.array([np.nan, np.log(0.4 / 0.6)])  # the probabilities nan and 0.4
+    monkeypatch.setattr("pneumo.score.predict.scored", lambda *a, **k: (logits, np.zeros(2)))
     assert (
         predict_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")]) == 4
     )
@@ -279,3 +283,51 @@ def test_the_model_is_made_ready_only_when_there_is_something_to_score(tmp_path,
     assert "3 scored" in capsys.readouterr().out.splitlines()[-1]
     assert predict_main(args) == 0 and made_ready == [1]
     assert capsys.readouterr().out.splitlines()[-1].endswith("(0.0 images/s), model ready in 0.0 s")
+
+
+def noise_images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / f"noise{i}.png")
+
+
+def test_each_row_says_whether_the_file_is_in_the_models_scope(tmp_path, checkpoint):
+    make_images(tmp_path / "xrays", 6, size=32)
+    noise_images(tmp_path / "noise", 4)
+    out = tmp_path / "scores.csv"
+    result = predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path)])
+    assert result == 0
+    rows = read(out)
+    assert all(float(r["ood_score"]) >= 0 for r in rows)
+    noise = [r["ood"] for r in rows if "/noise/" in r["path"]]
+    xrays = [r["ood"] for r in rows if "/xrays/" in r["path"]]
+    assert noise == ["1"] * 4 and xrays.count("0") >= 4  # the model's own kind of image: mostly in scope
+
+
+def test_a_job_of_mostly_unfamiliar_images_warns_and_can_fail(tmp_path, checkpoint):
+    noise_images(tmp_path / "noise", 4)
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "a.csv", "--fail-on-ood", "0.5", tmp_path)
+    assert result.returncode == 6, result.stderr
+    assert "4 scored (4 out of the model's scope)" in result.stdout and "Warning: 100% of the files" in result.stdout
+    assert len(read(tmp_path / "a.csv")) == 4  # the scores are kept: the job decides what to do with them
+    result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "b.csv", "--fail-on-ood", "1", tmp_path)
+    assert result.returncode == 0
+    bad = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "c.csv", "--fail-on-ood", "1.5", tmp_path)
+    assert bad.returncode == 2 and "--fail-on-ood 1.5" in bad.stderr and not (tmp_path / "c.csv").exists()
+
+
+def test_a_model_without_the_check_leaves_its_columns_empty(tmp_path, checkpoint):
+    from pneumo.model.checkpoint import read_checkpoint, save_checkpoint
+
+    raw = read_checkpoint(checkpoint)
+    older = {k: v for k, v in raw.items() if k not in ("format", "weights_sha256", "applicability")}
+    save_checkpoint(tmp_path / "older.pt", older)
+    make_images(tmp_path / "xrays", 2, size=32)
+    out = tmp_path / "s.csv"
+    assert predict_main(["--checkpoint", str(tmp_path / "older.pt"), "--out", str(out), str(tmp_path / "xrays")]) == 0
+    assert all(r["probability"] and r["ood_score"] == "" and r["ood"] == "" for r in read(out))
+    result = predict_cli(
+        "--checkpoint", tmp_path / "older.pt", "--out", tmp_path / "t.csv", "--fail-on-ood", "0.5", tmp_path / "xrays"
+    )
+    assert result.returncode == 2 and "no applicability check" in result.stderr

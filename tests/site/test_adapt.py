@@ -1,5 +1,8 @@
 """pneumo-calibrate: a model adapted to a site from a labelled sample of the site's images."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -48,6 +51,11 @@ def test_calibrate_refits_the_map_and_threshold_and_records_the_sample(tmp_path,
     out = tmp_path / "scores.csv"
     assert predict_main(["--checkpoint", str(tmp_path / "site.pt"), "--out", str(out), str(folder)]) == 0
     assert call(evaluate_main, "--checkpoint", tmp_path / "site.pt", "--out", tmp_path / "e").returncode == 0
+    # Recalibrating teaches the network nothing: it keeps its applicability check, and says what it flags.
+    assert site.applicability.to_dict()["threshold"] == original.applicability.to_dict()["threshold"]
+    assert re.search(r"out of the model's scope \(applicability check\): \d+\.\d% of the sample", result.stdout)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert 0 <= metrics["ood_share"] <= 1 and "applicability check flags" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_the_sample_is_scored_before_and_after_with_patient_intervals(tmp_path, trained_checkpoint):

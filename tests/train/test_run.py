@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import history
 from pneumo.core.config import from_dict, to_dict
@@ -235,3 +236,25 @@ def test_curves_are_drawn_every_epoch_and_tensorboard_on_request(tiny_config):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_a_run_can_start_from_a_trained_models_weights(tmp_path, tiny_config, trained_checkpoint):
+    source = TrainedModel.load(trained_checkpoint)
+    # lr 0: the weights it starts from are the weights it ends with (BatchNorm's statistics still move)
+    cfg = tiny_config(train={"epochs": 1, "lr": 0.0, "init_from": str(trained_checkpoint)})
+    train(cfg)
+    started = TrainedModel.load(Path(cfg.output.dir) / "best.pt").members[0]
+    weights = [k for k in started if k.endswith("weight") or k.endswith("bias")]
+    assert weights and all(torch.equal(started[k], source.members[0][k]) for k in weights)
+    assert TrainedModel.load(Path(cfg.output.dir) / "best.pt").config.train.init_from == str(trained_checkpoint)
+
+
+def test_a_start_from_another_architecture_is_refused_before_any_work(tmp_path, tiny_config, trained_checkpoint):
+    from conftest import assert_clean_failure, call, write_config
+    from pneumo.cli import train_main
+
+    raw = to_dict(tiny_config(model={"channels": [4, 8]}))
+    config = write_config(tmp_path / "other.yaml", raw)
+    result = call(train_main, "--config", config, "--init", trained_checkpoint)
+    assert_clean_failure(result, "train.init_from", "channels [8, 16]")
+    assert not Path(raw["output"]["dir"]).exists()

@@ -111,6 +111,9 @@ class TrainConfig:
     # Training arithmetic. auto: bf16 autocast on GPUs that support it and on CPUs with AMX, float32
     # elsewhere (without AMX, bf16 on a CPU is emulated). Inference is float32 on every device.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The applicability check: the share of validation images its threshold keeps in scope (the rest
+    # is what it flags there; see docs/new-site.md).
+    ood_quantile: float = field(default=0.98, metadata=_range(0.5, 0.9999))
     # An ensemble: this many networks, trained with seeds seed, seed + 1, ..., whose logits are averaged.
     members: int = field(default=1, metadata=_range(1, 16))
     # Fitted on validation after training, so that probabilities can be read as probabilities:
@@ -120,6 +123,9 @@ class TrainConfig:
     compile: bool = False
     # Under torchrun on GPUs, BatchNorm statistics over the global batch (torch's SyncBatchNorm is GPU-only)
     sync_bn: bool = True
+    # Start from a trained model's weights instead of random ones: each network from the checkpoint's
+    # network trained with the same seed (else its first), e.g. to learn a new site's images.
+    init_from: str | None = None
 
 
 @dataclass

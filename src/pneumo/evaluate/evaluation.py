@@ -48,6 +48,7 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
     log.info("%s", data.describe())
     with cpu.kernels(model.config.cpu_kernels):
         probs = score(model, data.images, options.backend)
+        flagged = model.out_of_scope(data.images)
     metrics = {
         **binary_metrics(data.labels, probs, model.threshold),
         **calibration_metrics(data.labels, probs),
@@ -58,6 +59,8 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
         "backend": options.backend,
         "n_skipped": len(data.skipped),
         "operating_points": _operating_points(model, data.labels, probs),
+        # The share the applicability check flags as unlike the training images (None: the model has none).
+        "ood_share": None if flagged is None else float(flagged.mean()),
         "provenance": {
             "pneumo": __version__,
             "torch": str(torch.__version__),

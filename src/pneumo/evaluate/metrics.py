@@ -203,6 +203,8 @@ def format_table(metrics: dict) -> str:
         f"true NORMAL     {tn:7d}  {fp:9d}",
         f"true PNEUMONIA  {fn:7d}  {tp:9d}",
     ]
+    if metrics.get("ood_share") is not None:
+        lines += ["", f"out of the model's scope (applicability check): {100 * metrics['ood_share']:.1f}%"]
     return "\n".join(lines)
 
 

@@ -41,7 +41,16 @@ def _summary(m: dict) -> str:
         f"# Evaluation: {m['split']} split\n\n"
         f"Checkpoint `{m['checkpoint']}` (epoch {m['checkpoint_epoch']}), {m['n']} images "
         f"({m['n_pneumonia']} pneumonia, {m['n_normal']} normal), backend {m['backend']}. Decision threshold "
-        f"{m['threshold']:.4f} ({m['threshold_method']}, chosen on validation during training)."
+        f"{m['threshold']:.4f} ({m['threshold_method']}, chosen on validation during training)." + _scope(m)
+    )
+
+
+def _scope(m: dict) -> str:
+    if m.get("ood_share") is None:
+        return " The model carries no applicability check."
+    return (
+        f" The applicability check flags {100 * m['ood_share']:.1f}% of these images as unlike the model's "
+        "training images: its figures there say little about the rest."
     )
 
 

@@ -24,8 +24,9 @@ from pneumo.core.config import Config, apply_override, config_hash, from_dict, t
 from pneumo.core.device import prepare, resolve_device
 from pneumo.core.errors import CheckpointError, ConfigError, PneumoError
 from pneumo.core.fileio import atomic_write, file_sha256
+from pneumo.model.applicability import Applicability
 from pneumo.model.calibration import Calibration
-from pneumo.model.inference import logits
+from pneumo.model.inference import described, logits, scored
 from pneumo.model.network import Classifier, build_model
 
 FORMAT = "pneumo-checkpoint/2"
@@ -54,6 +55,8 @@ class TrainedModel:
     # Where this machine runs it: `auto` unless the loader was told (--set device=...). The device in
     # `config` is where it was trained, which says nothing about this machine.
     device: str = "auto"
+    # What its training images look like (the applicability check); None in checkpoints made before it.
+    applicability: Applicability | None = None
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> TrainedModel:
@@ -83,6 +86,9 @@ class TrainedModel:
                 path=path,
                 model_id=file_sha256(path)[:16],
             )
+            if "applicability" in raw:
+                size = len(members) * sum(model.config.model.channels)
+                model.applicability = Applicability.from_dict(raw["applicability"], size, str(path))
             if any(item.partition("=")[0].strip() == "device" for item in overrides):
                 model.device = model.config.device
                 resolve_device(model.device)  # a device this machine lacks stops the command here
@@ -127,7 +133,32 @@ class TrainedModel:
             "epoch": self.epoch,
             "calibration": self.calibration.to_dict(),
             "provenance": self.provenance,
+            **({"applicability": self.applicability.to_dict()} if self.applicability else {}),
         }
+
+    def scored(self, images: np.ndarray, device: torch.device | None = None, desc: str = "scoring") -> tuple:
+        """(logits, applicability scores) for uint8 images (N, H, W), from one pass; the scores are None
+        where the checkpoint has no applicability statistics."""
+        if self.applicability is None:
+            return self.logits(images, device, desc), None
+        device = device or resolve_device(self.device)
+        network = prepare(self.network().folded(), device)
+        batch = self.config.train.eval_batch_size
+        return scored(network, torch.from_numpy(np.ascontiguousarray(images)), batch, device, self.applicability, desc)
+
+    def out_of_scope(self, images: np.ndarray, device: torch.device | None = None) -> np.ndarray | None:
+        """Which images the applicability check flags as unlike the training images (None: no check)."""
+        _, scores = self.scored(images, device, "checking scope")
+        return None if scores is None else scores > self.applicability.threshold
+
+    def fit_applicability(self, train: np.ndarray, val: np.ndarray, device: torch.device | None = None) -> None:
+        """Describe the training images (`train`) and set the threshold on validation's (`val`)."""
+        device = device or resolve_device(self.device)
+        network = prepare(self.network().folded(), device)
+        batch = self.config.train.eval_batch_size
+        _, on_train = described(network, torch.from_numpy(np.ascontiguousarray(train)), batch, device, "describing")
+        _, on_val = described(network, torch.from_numpy(np.ascontiguousarray(val)), batch, device, "describing")
+        self.applicability = Applicability.fit(on_train, on_val, self.config.train.ood_quantile)
 
 
 def provenance(cfg: Config, **extra) -> dict:

@@ -1,4 +1,5 @@
-"""Batched inference: the model's logits and probabilities for a split of uint8 images."""
+"""Batched inference: the model's logits and probabilities for a split of uint8 images, and the
+descriptors the applicability check scores, in the same pass."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from pneumo.core.device import to_input
 from pneumo.core.progress import batches
+from pneumo.model.applicability import Applicability, describe
 
 
 def predict(
@@ -28,3 +30,27 @@ def logits(
         x = to_input(images[part], device)
         out.append(model(x).float().cpu())  # float32 on every device (see core.device.autocast)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+@torch.inference_mode()
+def described(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "describing"
+) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """The logits (float64) of a `Classifier` for uint8 images (N, H, W), and their descriptors
+    (`applicability.describe`), from one pass."""
+    model.eval()
+    out, parts = [], []
+    for part in batches(len(images), batch_size, desc):
+        x, features = to_input(images[part], device), []
+        out.append(model(x, features).float().cpu())
+        parts.append(describe(x, features))
+    descriptors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    return (torch.cat(out).double().numpy() if out else np.zeros(0)), descriptors
+
+
+def scored(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, check: Applicability, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and the applicability scores (higher: less like the training images) of `images`."""
+    logits_, descriptors = described(model, images, batch_size, device, desc)
+    return logits_, (check.score(descriptors).numpy() if len(logits_) else np.zeros(0))

@@ -43,12 +43,15 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logit(normalize(x))
 
-    def logit(self, x: torch.Tensor) -> torch.Tensor:
-        """The logit for an input already normalized (an ensemble normalizes once for all its members).
-        Pooling comes before the ReLU: the two commute, and the ReLU then touches a quarter of the values."""
+    def logit(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The logit for an input already normalized (an ensemble normalizes once for all its members);
+        `features` collects each block's output averaged over space (the applicability check's). Pooling
+        comes before the ReLU: the two commute, and the ReLU then touches a quarter of the values."""
         for conv, bn, relu, pool in self.blocks():
             fast = cpu_block(x, conv, bn, relu, pool)
             x = relu(pool(bn(conv(x)))) if fast is None else fast
+            if features is not None:
+                features.append(x.mean((2, 3)))
         return self.head(x).squeeze(1)
 
     def blocks(self) -> Iterator[tuple[nn.Module, nn.Module, nn.Module, nn.Module]]:
@@ -130,8 +133,9 @@ class Classifier(nn.Module):
         self.tta = tta
         self.scale, self.bias = float(scale), float(bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self._mean_logit(x)
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Calibrated logits; `features`, when given, collects each member's pooled block outputs."""
+        logit = self._mean_logit(x, features)
         if self.tta:
             logit = (logit + self._mean_logit(x.flip(-1))) / 2
         return logit * self.scale + self.bias
@@ -140,11 +144,11 @@ class Classifier(nn.Module):
         """The same classifier with each member's BatchNorm folded into its convolutions (inference only)."""
         return Classifier([m.folded() for m in self.members], self.tta, self.scale, self.bias).eval()
 
-    def _mean_logit(self, x: torch.Tensor) -> torch.Tensor:
+    def _mean_logit(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = normalize(x)
-        logit = self.members[0].logit(x)
+        logit = self.members[0].logit(x, features)
         for member in self.members[1:]:
-            logit = logit + member.logit(x)
+            logit = logit + member.logit(x, features)
         return logit / len(self.members) if len(self.members) > 1 else logit
 
 

@@ -33,12 +33,15 @@ from pneumo.core.progress import progress
 from pneumo.cpu import dispatch
 from pneumo.data.folder import IMAGE_SUFFIXES
 from pneumo.data.images import decode_all
+from pneumo.model.applicability import Applicability
 from pneumo.model.checkpoint import TrainedModel
-from pneumo.model.inference import predict
+from pneumo.model.inference import predict, scored
 from pneumo.model.network import SmallCNN
 from pneumo.score.export import is_torchscript, load_torchscript
 
-COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config"]
+COLUMNS = ["path", "probability", "label", "model", "error", "pneumo", "torch", "config", "ood_score", "ood"]
+# A run warns when more than this share of the files it scored is out of the model's scope.
+MOSTLY_OUT_OF_SCOPE = 0.5
 
 
 @dataclass
@@ -51,6 +54,7 @@ class InferenceModel:
     max_pixels: int
     model_id: str
     config_hash: str = ""
+    applicability: Applicability | None = None  # None: ood_score and ood stay empty (older checkpoints, exports)
 
     @classmethod
     def load(cls, path: str | Path, trust_torchscript: bool = False) -> InferenceModel:
@@ -65,6 +69,7 @@ class InferenceModel:
             data.max_pixels,
             model.model_id,
             config_hash(model.config),
+            model.applicability,
         )
 
     @classmethod
@@ -116,14 +121,26 @@ class Summary:
     seconds: float  # listing, decoding, scoring and writing: the rate is images scored per second of these
     shard: Shard = Shard()
     startup: float = 0.0  # getting the model ready to score (on a CPU, loading its kernels)
+    out_of_scope: int | None = None  # files scored this run that the applicability check flagged
+
+    @property
+    def out_of_scope_share(self) -> float:
+        return (self.out_of_scope or 0) / self.scored if self.scored else 0.0
 
     def line(self, out: Path) -> str:
         rate = self.scored / self.seconds if self.seconds else 0.0
         share = f"shard {self.shard}: " if self.shard.n > 1 else ""
-        return (
-            f"{share}{self.total} files: {self.scored} scored, {self.bad} unusable, {self.already_done} already in "
-            f"{out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in {self.startup:.1f} s"
+        flagged = "" if self.out_of_scope is None else f" ({self.out_of_scope} out of the model's scope)"
+        line = (
+            f"{share}{self.total} files: {self.scored} scored{flagged}, {self.bad} unusable, {self.already_done} "
+            f"already in {out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in {self.startup:.1f} s"
         )
+        if self.out_of_scope_share > MOSTLY_OUT_OF_SCOPE:  # one sentence more, for whoever reads the job's mail
+            line += (
+                f". Warning: {100 * self.out_of_scope_share:.0f}% of the files scored are unlike the images this "
+                "model was trained on, and its probabilities there are not to be trusted (docs/new-site.md)"
+            )
+        return line
 
 
 def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, options: PredictOptions) -> Summary:
@@ -150,15 +167,18 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
         )
         # Only a run with files to score gets its model ready: a nightly job with nothing new stays quick.
         scorer = _Scorer.ready(model, device, options.batch_size) if todo else None
-        bad = 0
+        bad, flagged = 0, 0
         with scores.appending() as append:
             for paths, (images, errors) in decoded_batches(todo, options.batch_size * DECODE_BATCHES, model):
                 rows = scorer.rows(paths, images, errors)
                 bad += sum(1 for r in rows if r[4])
+                flagged += sum(1 for r in rows if r[-1] == "1")
                 append(rows)
     startup = scorer.startup if scorer else 0.0
     seconds = time.perf_counter() - start - startup
-    return Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, seconds, options.shard, startup)
+    summary = Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, seconds, options.shard, startup)
+    summary.out_of_scope = flagged if model.applicability else None
+    return summary
 
 
 # Files are decoded this many scoring batches at a time, the next block while the current one is
@@ -210,10 +230,9 @@ class _Scorer:
 
     def rows(self, paths: list[str], images: np.ndarray, errors: dict[int, str]) -> list[list[str]]:
         ok = [i for i in range(len(paths)) if i not in errors]
-        probs = np.zeros(0)
-        if ok:
-            probs = predict(self.network, torch.from_numpy(images[ok]), self.batch_size, self.device, desc="scoring")
+        probs, ood = self._score(images[ok]) if ok else (np.zeros(0), None)
         scored = dict(zip(ok, probs, strict=True))
+        in_scope = dict(zip(ok, ood, strict=True)) if ood is not None else {}
         provenance = [__version__, str(torch.__version__), self.model.config_hash]
         rows = []
         for i, path in enumerate(paths):
@@ -221,11 +240,20 @@ class _Scorer:
             if p is not None and not np.isfinite(p):
                 errors[i], p = "the model gave no finite probability for this image", None
             if p is None:
-                rows.append([path, "", "", self.model.model_id, errors[i], *provenance])
+                rows.append([path, "", "", self.model.model_id, errors[i], *provenance, "", ""])
             else:
                 label = PNEUMONIA if p >= self.model.threshold else NORMAL
-                rows.append([path, f"{p:.6f}", label, self.model.model_id, "", *provenance])
+                rows.append([path, f"{p:.6f}", label, self.model.model_id, "", *provenance, *in_scope.get(i, ("", ""))])
         return rows
+
+    def _score(self, images: np.ndarray) -> tuple[np.ndarray, list | None]:
+        """Probabilities, and the applicability columns (ood_score, ood) where the model has the check."""
+        x, check = torch.from_numpy(images), self.model.applicability
+        if check is None:
+            return predict(self.network, x, self.batch_size, self.device, desc="scoring"), None
+        logits, ood = scored(self.network, x, self.batch_size, self.device, check, "scoring")
+        columns = [(f"{s:.3f}", "1" if s > check.threshold else "0") for s in ood]
+        return torch.sigmoid(torch.from_numpy(logits)).numpy(), columns
 
 
 def find_images(inputs: list[str]) -> dict[str, str]:
@@ -280,8 +308,8 @@ class ScoresCsv:
         data = self.path.read_bytes()
         if data.startswith(encode_row(COLUMNS[:5])) and not data.startswith(encode_row(COLUMNS)):
             raise PneumoError(
-                f"{self.path} was written by an older pneumo-predict (without the provenance columns "
-                f"{', '.join(COLUMNS[5:])}); write to a new file"
+                f"{self.path} was written by an older pneumo-predict, with other columns than this one's "
+                f"({','.join(COLUMNS)}); write to a new file"
             )
         if data and not data.startswith(encode_row(COLUMNS)):
             raise PneumoError(

@@ -85,13 +85,16 @@ class Result:
     after: dict  # ... with the new calibration and threshold (fitted on this very sample: optimistic)
     after_cross_validated: dict  # ... each patient's images scored by a calibration fitted without them
     warnings: list[str]
+    # The share of the sample the applicability check flags (None: the model has none). Recalibrating
+    # leaves the network, and so what it has seen, as it was: the new model keeps the check unchanged.
+    out_of_scope: float | None = None
 
 
 def calibrate(
     model: TrainedModel, sample: Sample, method: str = "platt", bootstrap: int = 1000, seed: int = 0
 ) -> Result:
     """Refit the model's calibration and threshold on `sample`; the input model is left as it was."""
-    z = model.logits(sample.images, desc="scoring the sample")
+    z, scope = model.scored(sample.images, desc="scoring the sample")
     site, threshold = fit_site(z, sample.labels, method)
     after_probs = calibration.probabilities(z, site)
     calibrated = replace(
@@ -111,6 +114,7 @@ def calibrate(
         after=report.metrics(after_probs, threshold),
         after_cross_validated=report.metrics(_cross_validated(z, sample, method), threshold),
         warnings=_warnings(sample),
+        out_of_scope=None if scope is None else float(np.mean(scope > model.applicability.threshold)),
     )
 
 

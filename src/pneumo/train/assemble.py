@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pneumo.core.config import Config, to_dict
 from pneumo.core.errors import PneumoError
@@ -21,8 +20,10 @@ from pneumo.model.checkpoint import TrainedModel, provenance
 from pneumo.train.rundir import config_changes
 
 
-def assemble(cfg: Config, member_checkpoints: list[Path], val: Split, device: torch.device) -> TrainedModel:
-    """One model from the members' best checkpoints, calibrated and thresholded on `val`."""
+def assemble(cfg: Config, member_checkpoints: list[Path], splits: tuple[Split, Split], device) -> TrainedModel:
+    """One model from the members' best checkpoints, calibrated and thresholded on validation, its
+    applicability check fitted on the training images (`splits`: train, val)."""
+    train, val = splits
     members = [TrainedModel.load(path) for path in member_checkpoints]
     model = TrainedModel(
         config=cfg,
@@ -39,6 +40,7 @@ def assemble(cfg: Config, member_checkpoints: list[Path], val: Split, device: to
     model.operating_points = operating_points(val.labels, probs)
     model.val_metrics = {**binary_metrics(val.labels, probs, model.threshold), **calibration_metrics(val.labels, probs)}
     model.val_metrics["ece_cross_validated"] = cross_validated_ece(raw, val.labels, cfg.train.calibration)
+    model.fit_applicability(train.images, val.images, device)
     return model
 
 

@@ -53,6 +53,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             raise PneumoError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({ctx.world})"
             )
+        initial_weights(cfg)  # a checkpoint of another architecture stops the run before any work
         if cfg.train.members == 1:
             return train_member(cfg, resume, ctx, device, final=True)
         run = RunDir(cfg.output.dir, ctx)
@@ -61,8 +62,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             for k, member in enumerate(members, 1):
                 log.info("ensemble member %d of %d (seed %d)", k, len(members), member.seed)
                 train_member(member, resume and (Path(member.output.dir) / "last.pt").exists(), ctx, device)
-            val = load_split(cfg, "val")
-            return hand_over(cfg, run, [Path(m.output.dir) / "best.pt" for m in members], val, device)
+            splits = (load_split(cfg, "train"), load_split(cfg, "val"))
+            return hand_over(cfg, run, [Path(m.output.dir) / "best.pt" for m in members], splits, device)
 
 
 def train_member(cfg: Config, resume: bool, ctx: Context, device: torch.device, final: bool = False) -> dict:
@@ -81,7 +82,7 @@ def train_member(cfg: Config, resume: bool, ctx: Context, device: torch.device, 
         if previous:
             log.info("resuming %s after epoch %d", run.path, state.epoch)
         best = fit(cfg, run, parts, state)
-        return hand_over(cfg, run, [run.best], val_split, device) if final else best
+        return hand_over(cfg, run, [run.best], (train_split, val_split), device) if final else best
 
 
 def member_config(cfg: Config, k: int) -> Config:
@@ -92,12 +93,13 @@ def member_config(cfg: Config, k: int) -> Config:
     return replace(cfg, seed=seed, train=replace(cfg.train, members=1), output=replace(cfg.output, dir=directory))
 
 
-def hand_over(cfg: Config, run: RunDir, checkpoints: list[Path], val: Split, device: torch.device) -> dict:
+def hand_over(cfg: Config, run: RunDir, checkpoints: list[Path], splits: tuple[Split, Split], device) -> dict:
     """Write the run's final best.pt: the members' best epochs as one model, calibrated and thresholded
-    on validation. The per-epoch figures in metrics.jsonl are before calibration."""
+    on validation (splits: train, val), with its applicability statistics. The per-epoch figures in
+    metrics.jsonl are before calibration."""
     if not run.ctx.main:
         return {}
-    model = assemble(cfg, checkpoints, val, device)
+    model = assemble(cfg, checkpoints, splits, device)
     save_checkpoint(run.best, model.payload())
     m = model.val_metrics
     log.info(
@@ -183,7 +185,10 @@ class Parts:
 
 def build(cfg: Config, train_split: Split, val_split: Split, device: torch.device, ctx: Context) -> Parts:
     t = cfg.train
-    model = prepare(build_model(cfg.model), device)  # first, so the seed alone decides the initial weights
+    model = build_model(cfg.model)  # first, so the seed alone decides the initial weights
+    if cfg.train.init_from:
+        model.load_state_dict(initial_weights(cfg))
+    model = prepare(model, device)
     optimizer = model.configure_optimizer(t.lr, t.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / t.batch_size)
     schedule = warmup_cosine(round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch)
@@ -200,6 +205,22 @@ def build(cfg: Config, train_split: Split, val_split: Split, device: torch.devic
         _step_model(model, cfg, device, ctx), optimizer, scheduler, loss_fn, training_dtype(t.precision, device)
     )
     return Parts(model, opt, data, val_split, val_images, pos_weight)
+
+
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """The weights train.init_from gives this run's network: those of the checkpoint's network trained
+    with the same seed, else of its first. None without train.init_from."""
+    if not cfg.train.init_from:
+        return None
+    source = TrainedModel.load(cfg.train.init_from)
+    if (source.config.model.channels, source.config.model.stem_stride) != (cfg.model.channels, cfg.model.stem_stride):
+        raise PneumoError(
+            f"train.init_from {cfg.train.init_from}: its networks have channels {source.config.model.channels} and "
+            f"stem_stride {source.config.model.stem_stride}, this config's {cfg.model.channels} and "
+            f"{cfg.model.stem_stride}"
+        )
+    k = cfg.seed - source.config.seed
+    return source.members[k if 0 <= k < len(source.members) else 0]
 
 
 def fit(cfg: Config, run: RunDir, parts: Parts, state: TrainState) -> dict:

@@ -1,0 +1,125 @@
+"""The applicability check: how unlike a model's training images an image is (out-of-distribution
+detection), so that a model can say when it is out of its depth.
+
+Three descriptors of an image, each with a Gaussian fitted to the training images (Ledoit-Wolf
+shrinkage) and scored by its squared Mahalanobis distance: the network's own features (each block's
+output averaged over space, L2-normalized per block, as in Mahalanobis++, Mueller and Hein 2025), an
+8x8 thumbnail (layout: anatomy, framing) and a 32-bin grey-level histogram (exposure). Each distance
+becomes a p-value against the validation images, and Fisher's method combines the three: a site can
+differ in any of them. The threshold is the configured quantile of validation's combined scores.
+docs/new-site.md gives what it flags, and why these descriptors (measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumo.core.errors import CheckpointError
+
+THUMBNAIL, BINS = 8, 32
+FIELDS = ("mean", "precision", "reference")
+MIN_P = 1e-6  # a p-value below any validation image's: keeps log(p) finite
+
+
+@dataclass
+class Gaussian:
+    """One descriptor's training distribution, and validation's distances from it (sorted)."""
+
+    mean: torch.Tensor
+    precision: torch.Tensor
+    reference: torch.Tensor
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, val: torch.Tensor) -> Gaussian:
+        from sklearn.covariance import LedoitWolf
+
+        x = train.double().numpy()
+        mean, precision = torch.from_numpy(x.mean(0)), torch.from_numpy(LedoitWolf().fit(x).precision_)
+        fitted = cls(mean, precision, torch.zeros(0, dtype=torch.float64))
+        return cls(mean, precision, fitted.distance(val).sort().values)
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.double() - self.mean
+        return ((d @ self.precision) * d).sum(1)
+
+    def p_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The share of validation images at least as far from the training images as each of `x`."""
+        farther = len(self.reference) - torch.searchsorted(self.reference, self.distance(x))
+        return ((farther + 1) / (len(self.reference) + 1)).clamp_min(MIN_P)
+
+
+@dataclass
+class Applicability:
+    """The three Gaussians and the threshold on the combined score (higher: less like training)."""
+
+    gaussians: dict[str, Gaussian]
+    threshold: float
+    quantile: float
+
+    @classmethod
+    def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], quantile: float) -> Applicability:
+        """From the descriptors (`describe`) of the training and validation images."""
+        gaussians = {name: Gaussian.fit(train[name], val[name]) for name in train}
+        fitted = cls(gaussians, 0.0, quantile)
+        threshold = float(torch.quantile(fitted.score(val), quantile))
+        return cls(gaussians, threshold, quantile)
+
+    def score(self, descriptors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fisher's combination of the descriptors' p-values: -2 sum(log p)."""
+        return sum(-2 * g.p_value(descriptors[name]).log() for name, g in self.gaussians.items())
+
+    def to_dict(self) -> dict:
+        # float32 on disk: ample for a distance, half the size (the features' precision is most of a file)
+        gaussians = {name: {k: getattr(g, k).float() for k in FIELDS} for name, g in self.gaussians.items()}
+        return {"quantile": self.quantile, "threshold": self.threshold, "gaussians": gaussians}
+
+    @classmethod
+    def from_dict(cls, raw: dict, feature_size: int, where: str) -> Applicability:
+        """A checkpoint's statistics, checked against the network they describe (`feature_size`)."""
+        sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS}
+        try:
+            gaussians = {name: Gaussian(*(_float64(raw["gaussians"][name][k]) for k in FIELDS)) for name in sizes}
+            out = cls(gaussians, float(raw["threshold"]), float(raw["quantile"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} has malformed applicability statistics ({e})") from None
+        for name, g in gaussians.items():
+            _check_gaussian(g, sizes[name], f"{where}: applicability statistics '{name}'")
+        if not (np.isfinite(out.threshold) and 0 < out.quantile < 1):
+            raise CheckpointError(f"{where}: applicability threshold or quantile out of range")
+        return out
+
+
+def _float64(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"expected a float tensor, found {type(t).__name__}")
+    return t.double()
+
+
+def _check_gaussian(g: Gaussian, size: int, what: str) -> None:
+    tensors = (g.mean, g.precision, g.reference)
+    if g.mean.shape != (size,) or g.precision.shape != (size, size) or g.reference.ndim != 1 or not len(g.reference):
+        raise CheckpointError(f"{what} do not fit this network")
+    if not all(bool(t.isfinite().all()) for t in tensors) or not bool((g.reference.diff() >= 0).all()):
+        raise CheckpointError(f"{what} are not finite, or their reference is not sorted")
+
+
+def describe(x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The descriptors of a batch of inputs x (N, 1, H, W) in [0, 1], given the network's pooled block
+    outputs (`Classifier` collects them)."""
+    pooled = torch.cat([F.normalize(f.float(), dim=1) for f in features], 1)
+    thumbnail = F.adaptive_avg_pool2d(x.float(), THUMBNAIL).flatten(1)
+    bins = (x.flatten(1).float() * BINS).long().clamp_(0, BINS - 1)
+    rows = torch.arange(len(x), device=x.device)[:, None] * BINS
+    histogram = torch.bincount((bins + rows).flatten(), minlength=len(x) * BINS).view(len(x), BINS)
+    histogram = histogram.float() / bins.shape[1]
+    return {"features": pooled.cpu(), "thumbnail": thumbnail.cpu(), "histogram": histogram.cpu()}
+
+
+def feature_size(members: nn.ModuleList) -> int:
+    """The length of the network's part of the descriptors: every block's channels, every member."""
+    return sum(m.features[i].out_channels for m in members for i in range(0, len(m.features), 4))
