@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import ROOT, run_script
 
 
@@ -111,3 +114,24 @@ def test_pipeline_benchmark_refuses_fewer_than_one_repeat():
     )
     assert result.returncode == 2 and "--repeats must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a machine without CUDA")
+def test_gpu_check_says_in_one_line_when_there_is_no_gpu(tmp_path):
+    result = run_script("gpu_check.py", "--json", tmp_path / "g.json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no CUDA GPU" in result.stderr
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_gpu_check_runs_its_steps_on_the_cpu_at_toy_size(tmp_path):
+    """The script's own logic, on the CPU: every check runs and reports; the GPU-only ones say they were
+    skipped, and the recipe's data-wait goal (meant for a GPU) is judged like the rest."""
+    result = run_script("gpu_check.py", "--smoke-on-cpu", "--json", tmp_path / "g.json", timeout=300)
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads((tmp_path / "g.json").read_text())
+    checks = report["checks"]
+    assert list(checks) == ["GPU tests", "recipe", "GPU against CPU", "resume", "several GPUs", "benchmark"]
+    assert checks["GPU against CPU"]["ok"] and checks["GPU against CPU"]["max_probability_difference"] == 0
+    assert checks["resume"]["ok"] and checks["resume"]["killed_after_epoch"] < 3
+    assert checks["recipe"]["train_images_per_s"] > 0 and 0 <= checks["recipe"]["data_wait_fraction"] < 1
+    assert "checks met their goals" in result.stdout.splitlines()[-1]

@@ -51,3 +51,34 @@ def test_cuda_asked_for_without_a_gpu_is_one_sentence():
     with pytest.raises(PneumoError, match="sees no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_split_goes_to_the_gpu_only_when_it_fits(monkeypatch):
+    """The training images live on the GPU when they take at most half its free memory; else they stay
+    on the host, page-locked, and batches travel asynchronously. (The CUDA calls are stood in for.)"""
+    from pneumo.core.device import hold
+
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(a[0]) or self)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: moved.append("pinned") or self)
+    images = [torch.zeros(1000, dtype=torch.uint8), torch.zeros(10, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000))
+    hold(images, CUDA)
+    assert moved == [CUDA, CUDA]
+    moved.clear()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_500, 80_000))
+    hold(images, CUDA)
+    assert moved == ["pinned", "pinned"]
+    moved.clear()
+    assert hold(images, torch.device("cpu")) == images and moved == []
+
+
+def test_training_on_cuda_asks_for_reproducible_kernels(monkeypatch):
+    from pneumo.core.device import reproducible
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    reproducible(torch.device("cpu"))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    reproducible(CUDA)
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)

@@ -82,3 +82,31 @@ def test_global_batch_must_divide_among_processes(tmp_path):
     result = torchrun("--config", tmp_path / "exp.yaml")
     assert result.returncode != 0
     assert "train.batch_size (15) must be a multiple of the number of processes (2)" in result.stderr
+
+
+class HandedOver(Exception):
+    """Raised by the stand-in collectives once they have checked what they were handed."""
+
+
+def test_every_collective_is_handed_tensors_on_the_processs_own_device(monkeypatch):
+    """NCCL takes CUDA tensors only: a collective handed a tensor on another device than the process's
+    fails there ("No backend type associated with device type cpu"). gloo on CPUs cannot show it, so
+    the collectives are stood in for by a check, with the process's device a non-CPU one (meta)."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    from pneumo.core.distributed import Context
+
+    ctx = Context(rank=0, world=2, device=torch.device("meta"))
+
+    def collective(tensor, *args, **kwargs):
+        assert tensor.device == ctx.device, f"a collective was handed a tensor on {tensor.device}"
+        raise HandedOver
+
+    monkeypatch.setattr(dist, "broadcast", collective)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    with pytest.raises(HandedOver):
+        ctx.agree(True)
+    with pytest.raises(HandedOver):
+        ctx.sum(torch.zeros(2))  # a total built on the host, as a careless caller would

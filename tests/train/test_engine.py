@@ -49,3 +49,20 @@ def test_an_epoch_lowers_the_loss_and_steps_the_schedule():
     losses = [train_one_epoch(opt, data, "test")[0] for _ in range(8)]
     assert losses[-1] < 0.5 * losses[0]
     assert sched.last_epoch == 8 * 4  # stepped once per batch
+
+
+def test_no_process_ever_gets_an_empty_batch():
+    """7 images in global batches of 3 over 3 processes: the last global batch (1 image) would leave two
+    processes without a row, and their BatchNorm (SyncBatchNorm on GPUs) with nothing; every process
+    skips it alike, so all take the same number of steps."""
+    from pneumo.core.distributed import Context
+
+    images, labels = torch.zeros(7, 8, 8, dtype=torch.uint8), torch.zeros(7, dtype=torch.long)
+    sizes = []
+    for rank in range(3):
+        ctx = Context(rank=rank, world=3)
+        data = TrainingData(
+            images, labels, 3, AugmentConfig(enabled=False), torch.Generator().manual_seed(0), torch.device("cpu"), ctx
+        )
+        sizes.append([len(y) for _, y in data.batches("test")])
+    assert sizes == [[1, 1]] * 3

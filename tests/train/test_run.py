@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import history
+from conftest import history, tiny_raw
 from pneumo.core.config import from_dict, to_dict
 from pneumo.core.errors import PneumoError
 from pneumo.data.synthetic import write_folder
@@ -258,3 +258,35 @@ def test_a_start_from_another_architecture_is_refused_before_any_work(tmp_path, 
     result = call(train_main, "--config", config, "--init", trained_checkpoint)
     assert_clean_failure(result, "train.init_from", "channels [8, 16]")
     assert not Path(raw["output"]["dir"]).exists()
+
+
+def test_compile_under_several_processes_is_refused_before_any_work(tiny_config, monkeypatch):
+    from contextlib import contextmanager
+
+    from pneumo.core.distributed import Context
+    from pneumo.train import run
+
+    @contextmanager
+    def two_processes(device_setting):
+        yield Context(rank=0, world=2), torch.device("cpu")
+
+    monkeypatch.setattr(run.distributed, "session", two_processes)
+    cfg = tiny_config(train={"compile": True})
+    with pytest.raises(PneumoError, match="train.compile works in one process only"):
+        train(cfg)
+    assert not Path(cfg.output.dir).exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_path_a_gpu_takes_trains_end_to_end_on_the_cpu(tmp_path, precision):
+    """What runs on CUDA is torch's modules (the CPU kernels stand aside), in bf16 autocast on a GPU
+    that computes in it: the same run here, kernels off, float32 and bf16, through the command line."""
+    from conftest import call, write_config
+    from pneumo.cli import evaluate_main, train_main
+
+    config = write_config(tmp_path / "gpu-path.yaml", tiny_raw(tmp_path / "run", train={"epochs": 2}))
+    result = call(train_main, "--config", config, "--set", "cpu_kernels=false", "--set", f"train.precision={precision}")
+    assert result.returncode == 0, result.stderr
+    rows = history(tmp_path / "run")
+    assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert call(evaluate_main, "--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "e").returncode == 0

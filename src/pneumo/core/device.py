@@ -34,6 +34,27 @@ def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def reproducible(device: torch.device) -> None:
+    """Choose reproducible kernels for training on `device`: on CUDA, cuDNN's deterministic algorithms
+    and no autotuning (which picks kernels by timing, run to run). Some CUDA kernels still add in the
+    order the GPU schedules them (adaptive pooling's backward), so GPU runs agree up to rounding."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def hold(tensors: list[torch.Tensor], device: torch.device, share: float = 0.5) -> list[torch.Tensor]:
+    """`tensors` on `device` when together they take at most `share` of its free memory (the rest is for
+    the model's activations), else on the host, page-locked on a CUDA machine so that batches copied
+    from them travel asynchronously."""
+    if device.type != "cuda":
+        return tensors
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(t.nbytes for t in tensors) <= share * free:
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory() for t in tensors]
+
+
 def training_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of training steps for train.precision on this device: bf16 where the hardware
     computes in it (a GPU that supports it, a CPU with AMX), float32 elsewhere."""

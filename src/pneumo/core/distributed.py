@@ -23,6 +23,8 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Every collective's tensors live here: NCCL takes CUDA tensors only, gloo CPU ones.
+    device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -38,15 +40,22 @@ class Context:
         """Rank 0's value of `flag`, on every rank (for decisions only rank 0 can make)."""
         if self.world == 1:
             return flag
-        t = torch.tensor([int(flag)])
+        t = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(t, src=0)
         return bool(t.item())
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` summed over the processes."""
+        """`values` summed over the processes (on this process's device)."""
         if self.world > 1:
+            values = values.to(self.device)
             dist.all_reduce(values)
         return values
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.world > 1:
+            # NCCL's barrier needs to know the GPU, or it guesses one and may hang.
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
 
 
 @contextmanager
@@ -77,7 +86,7 @@ def _setup(device_setting: str) -> tuple[Context, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, device), device
 
 
 def _teardown(ctx: Context, finished: bool) -> None:
@@ -85,5 +94,5 @@ def _teardown(ctx: Context, finished: bool) -> None:
         if finished:
             # Everyone leaves together: a process that closes its gloo connections while a peer is
             # still reading from them makes that peer abort.
-            dist.barrier()
+            ctx.barrier()
         dist.destroy_process_group()

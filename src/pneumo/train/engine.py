@@ -13,7 +13,7 @@ from pneumo.core.config import AugmentConfig
 from pneumo.core.device import autocast, to_input
 from pneumo.core.distributed import Context
 from pneumo.core.progress import batches
-from pneumo.data.augment import augment
+from pneumo.data.augment import augment, to_device
 
 
 @dataclass
@@ -51,10 +51,12 @@ class TrainingData:
         rows = self.ctx.rows
         for part in batches(len(order), self.batch_size, desc):
             batch = order[part]
-            idx = batch[rows]
+            if len(batch) < self.ctx.world:
+                continue  # a last batch too small for every process to get a row: skipped by all alike
+            at = to_device(batch[rows], self.images)
             # index_select copies whole images; indexing with a tensor (images[idx]) goes element by element.
-            x = to_input(self.images.index_select(0, idx.to(self.images.device)), self.device)
-            y = self.labels[idx].to(self.device, non_blocking=True).float()
+            x = to_input(self.images.index_select(0, at), self.device)
+            y = self.labels.index_select(0, at).to(self.device, non_blocking=True).float()
             if self.augment.enabled:
                 x = augment(x, self.augment, self.generator, global_batch=len(batch), rows=rows)
             yield x, y

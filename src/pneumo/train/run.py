@@ -18,7 +18,7 @@ from torch import nn
 from pneumo import cpu
 from pneumo.core import distributed
 from pneumo.core.config import Config
-from pneumo.core.device import prepare, training_dtype
+from pneumo.core.device import hold, prepare, reproducible, training_dtype
 from pneumo.core.distributed import Context
 from pneumo.core.errors import PneumoError
 from pneumo.core.logs import log
@@ -49,11 +49,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
     with cpu.kernels(cfg.cpu_kernels), distributed.session(cfg.device) as (ctx, device):
         if cfg.output.tensorboard:
             summary_writer()  # a missing tensorboard package stops the run before any work
+        if cfg.train.compile and ctx.world > 1:
+            # torch.compile of a DistributedDataParallel (and SyncBatchNorm) module has open failures in
+            # torch, and no machine here has several GPUs to show it works: one process only.
+            raise PneumoError("train.compile works in one process only: set train.compile: false under torchrun")
         if cfg.train.batch_size % ctx.world:
             raise PneumoError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({ctx.world})"
             )
         initial_weights(cfg)  # a checkpoint of another architecture stops the run before any work
+        reproducible(device)
         if cfg.train.members == 1:
             return train_member(cfg, resume, ctx, device, final=True)
         run = RunDir(cfg.output.dir, ctx)
@@ -72,7 +77,7 @@ def train_member(cfg: Config, resume: bool, ctx: Context, device: torch.device, 
     run = RunDir(cfg.output.dir, ctx)
     previous = run.resume_point(cfg, RESUMABLE_CHANGES) if resume else None
     torch.manual_seed(cfg.seed)
-    train_split, val_split = load_split(cfg, "train"), load_split(cfg, "val")
+    train_split, val_split = load_splits(cfg, ctx)
     for split in (train_split, val_split):
         split.require_both_classes()
         log.info("%s", split.describe())
@@ -83,6 +88,17 @@ def train_member(cfg: Config, resume: bool, ctx: Context, device: torch.device, 
             log.info("resuming %s after epoch %d", run.path, state.epoch)
         best = fit(cfg, run, parts, state)
         return hand_over(cfg, run, [run.best], (train_split, val_split), device) if final else best
+
+
+def load_splits(cfg: Config, ctx: Context) -> tuple[Split, Split]:
+    """The train and validation splits. Under torchrun rank 0 decodes them into the cache first and the
+    others then read it, rather than every process decoding every file at once."""
+    if not ctx.main:
+        ctx.barrier()
+    splits = load_split(cfg, "train"), load_split(cfg, "val")
+    if ctx.main:
+        ctx.barrier()
+    return splits
 
 
 def member_config(cfg: Config, k: int) -> Config:
@@ -195,11 +211,10 @@ def build(cfg: Config, train_split: Split, val_split: Split, device: torch.devic
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     pos_weight = _pos_weight(t.pos_weight, train_split.labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device))
-    # The whole split stays in memory as uint8; on a GPU it lives on the device, so no step waits for the host.
+    # The whole split stays in memory as uint8; on a GPU it lives on the device where it fits, so no step
+    # waits for the host.
     images, labels = torch.from_numpy(train_split.images), torch.from_numpy(train_split.labels)
-    val_images = torch.from_numpy(val_split.images)
-    if device.type == "cuda":
-        images, labels, val_images = images.to(device), labels.to(device), val_images.to(device)
+    images, labels, val_images = hold([images, labels, torch.from_numpy(val_split.images)], device)
     data = TrainingData(images, labels, t.batch_size, cfg.augment, torch.Generator().manual_seed(cfg.seed), device, ctx)
     opt = Optimization(
         _step_model(model, cfg, device, ctx), optimizer, scheduler, loss_fn, training_dtype(t.precision, device)
