@@ -20,6 +20,7 @@ import platform
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -281,6 +282,25 @@ def main(argv: list[str]) -> int:
     result = (bench_pneumo if which == "pneumo" else bench_typical)(settings)
     print(json.dumps(result))
     return 0
+
+
+# A process that only spins, as another job on a shared machine would, until its parent (the benchmark)
+# is gone: a benchmark killed outright leaves no load behind.
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
+@contextmanager
+def busy_processes(n: int):
+    """`n` busy processes beside whatever runs in the block, ended when it ends."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def run_isolated(which: str, settings: Settings) -> dict:

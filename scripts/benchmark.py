@@ -2,7 +2,7 @@
 """Training, loading and inference throughput: pneumo's pipeline against a typical PyTorch one, and
 against the machine's arithmetic peak.
 
-    python scripts/benchmark.py [--data ROOT] [--device cpu|cuda] [--quick] [--repeats N] [--json FILE]
+    python scripts/benchmark.py [--data ROOT] [--device cpu|cuda] [--quick] [--repeats N] [--busy N] [--json FILE]
 
 Without --data it writes synthetic X-rays as JPEG files into a temporary Kermany-style folder, so
 both pipelines read the same files from disk. Each pipeline runs in a process of its own.
@@ -26,6 +26,7 @@ from pneumo.model.network import build_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.pipelines import (
     Settings,
+    busy_processes,
     cpu_peak,
     default_workers,
     gpu_peak_tflops,
@@ -86,11 +87,16 @@ def main() -> int:
         help="timed epochs per pipeline, median reported (default: 3 synthetic, 1 with --data)",
     )
     parser.add_argument(
+        "--busy", type=int, default=0, help="busy processes to run beside both pipelines, as on a shared machine"
+    )
+    parser.add_argument(
         "--cpu-ghz", type=float, help="the clock for the CPU's peak, if turbo runs above what it reports"
     )
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.busy < 0:
+        parser.error("--busy must be 0 or more")
 
     cfg = load_config(args.config)
     size, device = cfg.data.image_size, resolve_device(args.device)
@@ -110,13 +116,15 @@ def main() -> int:
             cfg.train.precision,
             args.repeats if args.repeats is not None else 1 if args.data else 3,
         )
-        report = {"pneumo": run_isolated("pneumo", settings), "typical": run_isolated("typical", settings)}
+        with busy_processes(args.busy):
+            report = {"pneumo": run_isolated("pneumo", settings), "typical": run_isolated("typical", settings)}
     report["ratio"] = {k: report["pneumo"][k] / report["typical"][k] for k, _ in RATES}
     report["limits"] = limits(report, build_model(cfg.model), size, device, args.cpu_ghz)
     report["device"] = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     )
     report["settings"] = {**asdict(settings), "data": args.data or "synthetic JPEG", "torch": torch.__version__}
+    report["settings"]["busy"] = args.busy
     print_report(report, size, args.batch)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -127,6 +135,7 @@ def print_report(report: dict, size: int, batch: int) -> None:
     p, lim = report["pneumo"], report["limits"]
     print(
         f"{report['device']}, {p['images']} images at {size}x{size}, batch {batch}, pneumo trains in {p['train_dtype']}"
+        + (f", {report['settings']['busy']} busy processes beside" if report["settings"]["busy"] else "")
     )
     print(f"{'images/s':<12} {'pneumo':>10} {'typical':>10} {'ratio':>7}")
     for key, name in RATES:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pneumo-predict on original-size JPEGs against one Pillow thread decoding and resizing the same files.
 
-    python scripts/benchmark_decode.py FOLDER [--copies 3] [--checkpoint PATH] [--json FILE]
+    python scripts/benchmark_decode.py FOLDER [--copies 3] [--checkpoint PATH] [--busy N] [--json FILE]
 
 The files of FOLDER (searched recursively) are copied `--copies` times into a temporary folder, so
 that a hundred files make a few hundred. Both then read the same files: first the plain loop (open,
@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The busy processes come with the benchmark's pipelines, in benchmarks/ beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.pipelines import busy_processes
+
 
 def pillow_loop(files: list[Path], size: int = 224) -> float:
     start = time.perf_counter()
@@ -32,13 +36,23 @@ def pillow_loop(files: list[Path], size: int = 224) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def run_predict(files: list[Path], tmp: Path, checkpoint: str | None) -> subprocess.CompletedProcess:
+    """pneumo-predict on the files' folder, in a process of its own, as a scheduled job runs it."""
+    command = [sys.executable, "-m", "pneumo", "predict", "--out", str(tmp / "scores.csv"), str(files[0].parent)]
+    command += ["--checkpoint", checkpoint] if checkpoint else []
+    return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--checkpoint", help="default: the bundled model")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--busy", type=int, default=0, help="busy processes beside both, as on a shared machine")
     args = parser.parse_args()
+    if args.busy < 0:
+        parser.error("--busy must be 0 or more")
 
     originals = sorted(p for p in Path(args.folder).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,19 +63,8 @@ def main() -> int:
                 files[-1].parent.mkdir(exist_ok=True)
                 shutil.copyfile(f, files[-1])
         pillow_loop(files[:20])  # warm the page cache and Pillow
-        pillow = pillow_loop(files)
-        command = [
-            sys.executable,
-            "-m",
-            "pneumo",
-            "predict",
-            "--out",
-            str(Path(tmp) / "scores.csv"),
-            str(Path(tmp) / "in"),
-        ]
-        if args.checkpoint:
-            command += ["--checkpoint", args.checkpoint]
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        with busy_processes(args.busy):
+            pillow, result = pillow_loop(files), run_predict(files, Path(tmp), args.checkpoint)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)
@@ -73,6 +76,7 @@ def main() -> int:
         "pneumo_predict_images_per_s": pneumo,
         "ratio": pneumo / pillow,
         "pneumo_predict_peak_mb": peak_mb,
+        "busy": args.busy,
         "summary": result.stdout.strip(),
     }
     print(

@@ -44,3 +44,20 @@ def test_a_gpus_peak_is_found_by_its_whole_name(monkeypatch):
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert gpu_peak_tflops(torch.device("cuda")) == tflops, name
+
+
+def test_busy_processes_run_beside_the_block_and_end_with_it():
+    import os
+
+    from benchmarks.pipelines import busy_processes
+
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        pids = [p.pid for p in procs]
+    assert all(p.poll() is not None for p in procs)
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"busy process {pid} outlived the block")

@@ -36,11 +36,19 @@ def load(module: str, purpose: str) -> ModuleType | None:
     return kernels
 
 
+# Loop iterations (rows) a kernel's thread takes at a time. With numba's default, each thread gets a
+# fixed share of the loop up front, and on a machine shared with other work one thread the system has
+# paused holds its whole parallel region up; handed out a few rows at a time, the others take its share.
+CHUNK_ROWS = 2
+
+
 def set_threads() -> None:
-    """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS)."""
+    """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS), and share each loop
+    out `CHUNK_ROWS` rows at a time (every row writes only its own outputs: the same results)."""
     import numba
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_parallel_chunksize(CHUNK_ROWS)
 
 
 def eager_cpu_float32(x: torch.Tensor) -> bool:
