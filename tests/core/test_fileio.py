@@ -42,3 +42,38 @@ def test_lock_is_exclusive_and_released(tmp_path):
                 pass
     with FileLock(tmp_path / "x.lock", "busy"):  # released when the holder leaves
         pass
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hard link", "fifo", "someone's notes"])
+def test_a_lock_never_follows_or_cuts_short_what_is_planted_at_its_name(tmp_path, plant):
+    """As root's cron job, `ln -s victim RUN/.lock` must not truncate the victim (nor a hard link, nor
+    a FIFO hang the job): the lock is refused in one sentence and the file is left as it was."""
+    from pneumo.core.errors import PneumoError
+
+    victim, lock = tmp_path / "victim.txt", tmp_path / "out.csv.lock"
+    victim.write_text("precious\n")
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    elif plant == "hard link":
+        os.link(victim, lock)
+    elif plant == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.write_text("my notes, not a pid\n")
+    with pytest.raises(PneumoError, match="out.csv.lock") as refused:
+        with FileLock(lock, "busy"):
+            pass
+    assert not isinstance(refused.value, OutputLocked) and refused.value.exit_code == 2
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_file_holds_the_holders_pid_and_is_taken_over_after_it(tmp_path):
+    lock = tmp_path / "out.csv.lock"
+    lock.write_text("4242\n" + " " * 40)  # an older pneumo's, longer: still a pid file
+    with FileLock(lock, "busy"):
+        assert lock.read_text().split() == [str(os.getpid())]
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+            with FileLock(lock, "held by pid {pid}"):
+                pass
+    with FileLock(lock, "busy"):  # released: taken again
+        pass

@@ -48,3 +48,18 @@ def test_maps_compose():
     z = np.linspace(-4, 4, 9)
     assert np.allclose(first.then(then).apply(z), then.apply(first.apply(z)))
     assert Calibration.from_dict(first.to_dict()) == first
+
+
+def test_a_ranking_the_wrong_way_round_gets_a_flat_map_never_an_inverted_one():
+    import numpy as np
+
+    from pneumo.model.calibration import MIN_SCALE, Calibration, fit, probabilities
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.3).astype(int)
+    logits = -3.0 * labels + rng.normal(size=400)  # pneumonia scored lower: inverted
+    for method in ("platt", "temperature"):
+        cal = fit(logits, labels, method)
+        assert cal.scale == MIN_SCALE and Calibration.from_dict(cal.to_dict()) == cal
+    probs = probabilities(logits, fit(logits, labels, "platt"))
+    assert abs(probs.mean() - labels.mean()) < 0.02 and probs.std() < 0.01  # the base rate, for every image

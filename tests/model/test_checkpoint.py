@@ -52,7 +52,7 @@ def test_weights_of_another_architecture(tmp_path, tiny_config):
         TrainedModel.load(path)
 
 
-@pytest.mark.parametrize("threshold", [None, "abc", float("nan"), 1.5])
+@pytest.mark.parametrize("threshold", [None, "abc", float("nan"), 1.5, 0.0, 1.0])
 def test_unusable_thresholds(tmp_path, tiny_config, threshold):
     path, _ = saved(tmp_path, tiny_config, threshold=threshold)
     with pytest.raises(CheckpointError, match="has no usable threshold"):
@@ -111,3 +111,39 @@ def test_where_a_model_was_trained_never_decides_where_it_runs(tmp_path, trained
     asked = call(evaluate_main, "--checkpoint", trained_on_cuda, "--out", tmp_path / "e2", "--set", "device=cuda")
     assert_clean_failure(asked, "cuda")
     assert not (tmp_path / "e2").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("calibration", {"method": "platt", "scale": -1.0, "bias": 0.0}),  # inverts every prediction
+        ("calibration", {"method": "platt", "scale": 0.0, "bias": 0.0}),  # one answer for every image
+        ("calibration", {"method": "platt", "scale": float("inf"), "bias": 0.0}),
+        ("calibration", {"method": "platt", "scale": float("nan"), "bias": 0.0}),
+        ("calibration", {"method": "platt", "scale": 1.0, "bias": float("inf")}),
+        ("calibration", {"method": "platt", "scale": "1.0", "bias": 0.0}),
+        ("calibration", {"method": "magic", "scale": 1.0, "bias": 0.0}),
+        ("val_metrics", "auc"),
+        ("provenance", "nowhere"),
+    ],
+)
+def test_every_number_and_field_is_checked_against_its_meaning(tmp_path, tiny_config, field, value):
+    """A checkpoint whose calibration or metadata make no sense is unusable (exit 3), never a traceback
+    and never silently inverted or constant."""
+    path, _ = saved(tmp_path, tiny_config, **{field: value})
+    with pytest.raises(CheckpointError, match=str(path)):
+        TrainedModel.load(path)
+
+
+@pytest.mark.parametrize("damage", ["negative variance", "complex"])
+def test_weights_that_are_no_real_network_are_refused(tmp_path, tiny_config, damage):
+    cfg = tiny_config()
+    state = build_model(cfg.model).state_dict()
+    if damage == "negative variance":
+        state["features.1.running_var"][0] = -1.0
+    else:
+        state["head.3.weight"] = state["head.3.weight"].to(torch.complex64)
+    trained = TrainedModel(config=cfg, members=[state], threshold=0.4, threshold_method="youden")
+    save_checkpoint(tmp_path / "m.pt", trained.payload())
+    with pytest.raises(CheckpointError, match="negative BatchNorm variance|not real numbers"):
+        TrainedModel.load(tmp_path / "m.pt")

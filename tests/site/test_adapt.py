@@ -108,3 +108,16 @@ def test_the_input_checkpoint_is_never_overwritten(tmp_path, trained_checkpoint)
     assert_clean_failure(result, "is the input checkpoint")
     with pytest.raises(PneumoError, match="neither a folder"):
         load_sample([str(tmp_path / "nothing")], 32, 10**8)
+
+
+def test_a_sample_with_swapped_labels_is_refused_not_fitted(tmp_path, learned_run):
+    """NORMAL and PNEUMONIA swapped: a monotone calibration can only fit that by inverting the model,
+    so the command refuses in one sentence (exit 2) and writes nothing."""
+    folder = site_folder(tmp_path / "site", 15)
+    (folder / "NORMAL").rename(folder / "was-normal")
+    (folder / "PNEUMONIA").rename(folder / "NORMAL")
+    (folder / "was-normal").rename(folder / "PNEUMONIA")
+    model = learned_run[0]  # a model that ranks this kind of image well
+    result = call(calibrate_main, "--checkpoint", model, "--out", tmp_path / "site.pt", folder)
+    assert_clean_failure(result, "ranks opposite to the model", "swapped")
+    assert not (tmp_path / "site.pt").exists()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-from pneumo.core.errors import OutputLocked
+from pneumo.core.errors import OutputLocked, PneumoError
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -52,7 +54,9 @@ class FileLock:
 
     The kernel releases an flock when its holder dies, so a lock left by a killed run is simply taken
     over. The file stays behind, harmless, holding the last holder's pid for the message. Callers key
-    it by the resolved path of what it guards, so a symlink to the same file meets the same lock.
+    it by the resolved path of what it guards, so a symlink to the same file meets the same lock. The
+    lock file itself is never followed through a link and never cut short: a root cron job must not
+    truncate whatever file someone planted at its name.
     """
 
     def __init__(self, lock_file: str | Path, busy: str):
@@ -61,16 +65,36 @@ class FileLock:
 
     def __enter__(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = _open_lock_file(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
+            pid = os.pread(self.fd, PID_WIDTH, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise OutputLocked(self.busy.format(pid=pid)) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        os.pwrite(self.fd, f"{os.getpid():>{PID_WIDTH - 1}}\n".encode(), 0)  # fixed width: nothing to cut
         return self
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+
+PID_WIDTH = 20  # a lock file holds one right-aligned pid and a newline, always this many bytes
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of `path` as a lock file: created if missing; refused (exit 2) if it is a symbolic
+    link, not a regular file, a second name of another file, or a file holding anything but a pid."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PneumoError(f"{path} is a symbolic link, which a lock file never is: remove it") from None
+        raise
+    info = os.fstat(fd)
+    content = os.pread(fd, 64, 0) if stat.S_ISREG(info.st_mode) else b""
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or not (content.strip().isdigit() or not content.strip()):
+        os.close(fd)
+        raise PneumoError(f"{path} is not a lock file of pneumo's (a link, a device or another file): remove it")
+    return fd

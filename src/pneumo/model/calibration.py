@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 METHODS = ("platt", "temperature", "none")
+MIN_SCALE = 1e-3  # the flattest map a fit gives: calibration keeps a ranking, never turns it round
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,16 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        return cls(str(d.get("method", "none")), float(d.get("scale", 1.0)), float(d.get("bias", 0.0)))
+        """A stored calibration, checked against its meaning: a known method, a finite positive scale
+        (zero gives one answer for every image, a negative one inverts the model) and a finite bias."""
+        method, scale, bias = d.get("method", "none"), d.get("scale", 1.0), d.get("bias", 0.0)
+        if method not in METHODS:
+            raise ValueError(f"calibration method {method!r} is none of {', '.join(METHODS)}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (scale, bias)):
+            raise ValueError(f"calibration scale and bias must be numbers, found {scale!r} and {bias!r}")
+        if not (np.isfinite(scale) and scale > 0 and np.isfinite(bias)):
+            raise ValueError(f"calibration scale {scale} must be finite and positive, its bias {bias} finite")
+        return cls(method, float(scale), float(bias))
 
 
 def fit(logits: np.ndarray, labels: np.ndarray, method: str = "platt", prior: float = 0.0) -> Calibration:
@@ -48,6 +58,11 @@ def fit(logits: np.ndarray, labels: np.ndarray, method: str = "platt", prior: fl
     # Platt (1999): targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2) instead of 1 and 0.
     t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     scale, bias = _newton(z, t, fit_bias=method == "platt", prior=prior)
+    if scale < MIN_SCALE:
+        # Logits that rank no better than chance, or the wrong way round: the best increasing map is
+        # flat, at the base rate. A negative scale would turn the model round; checkpoints refuse one.
+        base_rate = float(t.mean())
+        scale, bias = MIN_SCALE, (float(np.log(base_rate / (1 - base_rate))) if method == "platt" else 0.0)
     return Calibration(method, scale, bias)
 
 

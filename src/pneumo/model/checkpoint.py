@@ -73,7 +73,7 @@ class TrainedModel:
             model = cls(
                 config=_config(raw, path, overrides),
                 members=members,
-                threshold=_probability(raw.get("threshold"), "threshold", path),
+                threshold=_threshold(raw.get("threshold"), path),
                 threshold_method=str(raw.get("threshold_method", "unknown")),
                 operating_points={
                     str(k): _probability(v, f"operating point {k}", path)
@@ -92,6 +92,8 @@ class TrainedModel:
             if any(item.partition("=")[0].strip() == "device" for item in overrides):
                 model.device = model.config.device
                 resolve_device(model.device)  # a device this machine lacks stops the command here
+        except ValueError as e:  # a number or a field against its meaning (calibration, metadata)
+            raise CheckpointError(f"{path} is not usable: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path} is not a complete pneumo checkpoint (missing or malformed {e})") from None
         model.network()  # the weights must fit the architecture the config describes
@@ -224,8 +226,12 @@ def _check_weights(raw: dict, path: Path) -> None:
         raise CheckpointError(f"{path} is damaged: its weights do not match the checksum they were saved with")
     for state in members:
         for name, t in state.items():
+            if t.is_complex() or not (t.is_floating_point() or name.endswith("num_batches_tracked")):
+                raise CheckpointError(f"{path} holds weights that are not real numbers ({name}, {t.dtype})")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CheckpointError(f"{path} holds non-finite weights ({name}): it cannot give usable probabilities")
+            if name.endswith("running_var") and (t < 0).any():
+                raise CheckpointError(f"{path} holds a negative BatchNorm variance ({name}): it is damaged")
 
 
 def _require_regular_file(path: Path) -> None:
@@ -252,6 +258,14 @@ def _config(raw: dict, path: Path, overrides: list[str]) -> Config:
         if overrides:
             raise  # the user's override is at fault: a plain input error
         raise CheckpointError(f"{path} does not carry a usable config: {e}") from None
+
+
+def _threshold(value, path: Path) -> float:
+    """A decision threshold strictly between 0 and 1: at 0 or 1 every image gets one label."""
+    t = _probability(value, "threshold", path)
+    if not 0 < t < 1:
+        raise CheckpointError(f"{path} has no usable threshold (expected a number strictly between 0 and 1, found {t})")
+    return t
 
 
 def _probability(value, what: str, path: Path) -> float:

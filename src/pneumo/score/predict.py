@@ -82,6 +82,8 @@ class InferenceModel:
         try:
             network, meta = load_torchscript(path)
             size, threshold = int(meta["image_size"]), float(meta["threshold"])
+            if not 0 < threshold < 1:  # NaN fails this too
+                raise ValueError(f"its threshold {threshold} is not strictly between 0 and 1")
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"{path} cannot be loaded as an exported model ({str(e).splitlines()[0][:200]})"

@@ -95,7 +95,12 @@ def calibrate(
 ) -> Result:
     """Refit the model's calibration and threshold on `sample`; the input model is left as it was."""
     z, scope = model.scored(sample.images, desc="scoring the sample")
+    report = _Report(sample, bootstrap, seed)
+    before = report.metrics(calibration.probabilities(z, calibration.Calibration()), model.threshold)
+    _require_a_ranking(before)
     site, threshold = fit_site(z, sample.labels, method)
+    if model.calibration.then(site).scale <= 0:
+        raise PneumoError("the sample's labels run against the model's scores: calibrating would invert the model")
     after_probs = calibration.probabilities(z, site)
     calibrated = replace(
         model,
@@ -107,15 +112,26 @@ def calibrate(
         path=None,
         model_id="",
     )
-    report = _Report(sample, bootstrap, seed)
     return Result(
         model=calibrated,
-        before=report.metrics(calibration.probabilities(z, calibration.Calibration()), model.threshold),
+        before=before,
         after=report.metrics(after_probs, threshold),
         after_cross_validated=report.metrics(_cross_validated(z, sample, method), threshold),
         warnings=_warnings(sample),
         out_of_scope=None if scope is None else float(np.mean(scope > model.applicability.threshold)),
     )
+
+
+def _require_a_ranking(before: dict) -> None:
+    """Calibration keeps the model's ranking. A sample that ranks the other way round (its AUC below
+    0.5, the whole patient-level interval too when there is one) has swapped labels, or meets a model
+    of no use at this site: either way no calibration helps, and fitting one would invert the model."""
+    auc, interval = before["auc"], before.get("ci95", {}).get("auc")
+    if (interval[1] if interval else auc) < 0.5:
+        raise PneumoError(
+            f"the sample ranks opposite to the model (AUC {auc:.3f}): are its NORMAL and PNEUMONIA labels "
+            "swapped? If not, this model is of no use here and calibration cannot help (docs/new-site.md)"
+        )
 
 
 def fit_site(z: np.ndarray, labels: np.ndarray, method: str = "platt") -> tuple[calibration.Calibration, float]:
