@@ -331,3 +331,19 @@ def test_a_model_without_the_check_leaves_its_columns_empty(tmp_path, checkpoint
         "--checkpoint", tmp_path / "older.pt", "--out", tmp_path / "t.csv", "--fail-on-ood", "0.5", tmp_path / "xrays"
     )
     assert result.returncode == 2 and "no applicability check" in result.stderr
+
+
+def test_an_edited_row_is_never_repaired_away_with_the_rows_after_it(tmp_path, checkpoint):
+    """Only a half-written last row is cut off on the next run. A row someone edited (`,reviewed`
+    added) with rows after it is no kill's leftover: one sentence, exit 2, the file byte for byte."""
+    make_images(tmp_path / "imgs", 8, size=32)
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 0
+    lines = out.read_bytes().split(b"\n")
+    lines[3] += b",reviewed"
+    out.write_bytes(b"\n".join(lines))
+    before = out.read_bytes()
+    (tmp_path / "imgs" / "b" / "new.png").write_bytes((tmp_path / "imgs" / "b" / "img0000.png").read_bytes())
+    result = predict_cli("--checkpoint", checkpoint, "--out", out, tmp_path / "imgs")
+    assert result.returncode == 2 and "line 4 is not as pneumo-predict writes rows" in result.stderr
+    assert "Traceback" not in result.stderr and out.read_bytes() == before

@@ -319,6 +319,12 @@ class ScoresCsv:
                 f"header {','.join(COLUMNS)})"
             )
         rows, good = _complete_rows(data)
+        if good < len(data) and not _cut_short(data[good:]):
+            line = data[:good].count(b"\n") + 1
+            raise PneumoError(
+                f"{self.path}: line {line} is not as pneumo-predict writes rows (was the file edited?), "
+                "and rows follow it; nothing was changed: restore the file, or write to a new one"
+            )
         if good < len(data):
             log.warning("%s ended in an incomplete row (an earlier run was killed); removing it", self.path)
             with open(self.path, "r+b") as f:
@@ -357,6 +363,17 @@ def encode_row(row: list[str]) -> bytes:
     quoting = csv.QUOTE_ALL if any("\r" in field for field in row) else csv.QUOTE_MINIMAL
     csv.writer(buf, lineterminator="\n", quoting=quoting).writerow(row)
     return buf.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def _cut_short(tail: bytes) -> bool:
+    """Whether `tail` is the beginning of a single row, as a killed run leaves its last one: the only
+    thing ever cut off an output file (an edited row, with rows after it, is not)."""
+    reader = csv.reader(io.StringIO(tail.decode("utf-8", errors="surrogateescape"), newline=""), strict=True)
+    try:
+        encoded = encode_row(next(reader))
+    except (StopIteration, csv.Error):  # nothing, or a quoted field cut off by the end
+        return True
+    return len(tail) < len(encoded) and encoded.startswith(tail)
 
 
 def _complete_rows(data: bytes) -> tuple[list[list[str]], int]:
