@@ -45,7 +45,7 @@ def settings(args, out: Path) -> list[str]:
         sets += [f"data.root={args.data}"]
     else:
         sets += ["data.format=synthetic", "data.synthetic.n_train=4432", "data.synthetic.n_val=784"]
-    if args.smoke_on_cpu:
+    if args.smoke_on_cpu:  # later items win: these replace the full-size ones
         sets += ["data.format=synthetic", "data.image_size=48", "data.synthetic.n_train=480"]
         sets += ["data.synthetic.n_val=64", "model.channels=[8, 16]", "model.stem_stride=1", "train.batch_size=16"]
     return sets
@@ -53,6 +53,13 @@ def settings(args, out: Path) -> list[str]:
 
 def recipe(args, out: Path) -> Config:
     return load_config(ROOT / "configs" / "kermany.yaml", settings(args, out))
+
+
+def train_command(args, run: Path, extra: list[str] = (), launcher: list[str] | None = None) -> list[str]:
+    """pneumo-train on the recipe into `run` as a process of its own (under `launcher`, e.g. torchrun)."""
+    launcher = launcher or [str(ROOT / "scripts" / "train.py")]
+    sets = [f"--set={s}" for s in [*settings(args, run), *extra]]
+    return [sys.executable, *launcher, "--config", str(ROOT / "configs" / "kermany.yaml"), *sets]
 
 
 def history(run: Path) -> list[dict]:
@@ -111,8 +118,7 @@ def check_resume(args) -> dict:
     """The recipe run again, killed (SIGKILL) once its first epoch is written, then --resume: its epochs
     against the uninterrupted run's."""
     run = args.tmp / "resumed"
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "kermany.yaml")]
-    command += [f"--set={s}" for s in settings(args, run)]
+    command = train_command(args, run)
     proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     while proc.poll() is None and not ((run / "metrics.jsonl").exists() and history(run)):
         time.sleep(0.05)
@@ -133,18 +139,21 @@ def check_multi_gpu(args) -> dict:
     n = 0 if args.smoke_on_cpu else torch.cuda.device_count()
     if n < 2:
         return {"ok": True, "skipped": f"{n or 'no'} GPU" + ("s" if n != 1 else "")}
-    cfg_file = args.tmp / "multi.yaml"
-    (args.tmp / "multi.yaml").write_text((ROOT / "configs" / "kermany.yaml").read_text())
-    sets = [f"--set={s}" for s in ("train.epochs=1", "train.members=1", f"output.dir={args.tmp / 'multi'}")]
-    sets += [f"--set=data.root={args.data}"] if args.data else ["--set=data.format=synthetic"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    result = subprocess.run(
-        [*command, str(ROOT / "scripts" / "train.py"), "--config", str(cfg_file), *sets], capture_output=True, text=True
-    )
+    # The recipe run's own settings and data on every GPU, for two epochs: its second against the
+    # one-GPU run's last, both past the first epoch's warm-up.
+    torchrun = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        str(ROOT / "scripts" / "train.py"),
+    ]
+    command = train_command(args, args.tmp / "multi", extra=["train.epochs=2"], launcher=torchrun)
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         return {"ok": False, "error": result.stderr[-2000:]}
-    multi = json.loads((args.tmp / "multi" / "metrics.jsonl").read_text().splitlines()[-1])["train_images_per_s"]
-    single = json.loads((args.tmp / "recipe" / "metrics.jsonl").read_text().splitlines()[-1])["train_images_per_s"]
+    multi = history(args.tmp / "multi")[-1]["train_images_per_s"]
+    single = history(args.tmp / "recipe")[-1]["train_images_per_s"]
     return {"gpus": n, "speedup": multi / single, "ok": multi / single >= GOALS["multi_gpu"]}
 
 

@@ -26,11 +26,17 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device, memory_format=torch.channels_last)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. From the host to CUDA the copy goes through page-locked memory, asynchronously:
+    a plain copy would make the host wait for the GPU."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1] on `device`, channels_last."""
-    if device.type == "cuda" and batch.device.type == "cpu":
-        batch = batch.pin_memory()  # page-locked, so the copy below runs asynchronously
-    x = batch.to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+    x = to_device(batch, device).unsqueeze(1).float().div_(255)
     return x.contiguous(memory_format=torch.channels_last)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumo.core.config import AugmentConfig
+from pneumo.core.device import to_device
 
 
 def augment(
@@ -59,16 +60,12 @@ class Draws:
 
 
 def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return to_device(v, x, x.dtype).view(-1, 1, 1, 1)
+    return _beside(v, x, x.dtype).view(-1, 1, 1, 1)
 
 
-def to_device(v: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Numbers drawn on the host, on x's device. On CUDA the copy is from page-locked memory and
-    asynchronous: a plain copy would make the host wait for the GPU at each of a step's draws."""
-    v = v.to(dtype) if dtype is not None else v
-    if x.device.type != "cuda":
-        return v.to(x.device)
-    return v.pin_memory().to(x.device, non_blocking=True)
+def _beside(v: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Numbers drawn on the host, on x's device (asynchronously on CUDA: a step draws many)."""
+    return to_device(v.to(dtype) if dtype is not None else v, x.device)
 
 
 def _geometry(x: torch.Tensor, cfg: AugmentConfig, draw: Draws) -> torch.Tensor:
@@ -98,8 +95,8 @@ def affine_grid(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     down = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
     grid = torch.empty(b, h, w, 2, device=x.device, dtype=x.dtype)
     for k in range(2):  # k = 0: the x coordinate sampled, k = 1: the y coordinate
-        col = to_device(theta[:, k, 0, None] * across, x, x.dtype)
-        row = to_device(theta[:, k, 1, None] * down + theta[:, k, 2, None], x, x.dtype)
+        col = _beside(theta[:, k, 0, None] * across, x, x.dtype)
+        row = _beside(theta[:, k, 1, None] * down + theta[:, k, 2, None], x, x.dtype)
         torch.add(row[:, :, None], col[:, None, :], out=grid[..., k])
     return grid
 
@@ -144,7 +141,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     radius = max(1, math.ceil(3 * float(sigma.max())))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.clamp(min=1e-3)[:, None]) ** 2)
-    kernel = to_device(kernel / kernel.sum(1, keepdim=True), x, x.dtype)
+    kernel = _beside(kernel / kernel.sum(1, keepdim=True), x, x.dtype)
     y = F.pad(x.reshape(1, b, h, w), (radius, radius, radius, radius), mode="replicate")
     y = F.conv2d(y, kernel.view(b, 1, 1, -1), groups=b)
     y = F.conv2d(y, kernel.view(b, 1, -1, 1), groups=b)
@@ -158,7 +155,7 @@ def _erase(
     (`cx`, `cy`) in [0, 1], clipped at the border) with that image's mean."""
     h, w = x.shape[-2:]
     # Only the per-image numbers travel to the device; the (B, H, W) mask is built there.
-    area, ratio, cx, cy, apply = (to_device(v, x) for v in (area, ratio, cx, cy, apply))
+    area, ratio, cx, cy, apply = (_beside(v, x) for v in (area, ratio, cx, cy, apply))
     half_w = (area * ratio).sqrt() / 2
     half_h = (area / ratio).sqrt() / 2
 

@@ -47,8 +47,7 @@ def evaluate(model: TrainedModel, split: str, out_dir: str | Path, options: Eval
     data.require_both_classes()
     log.info("%s", data.describe())
     with cpu.kernels(model.config.cpu_kernels):
-        probs = score(model, data.images, options.backend)
-        flagged = model.out_of_scope(data.images)
+        probs, flagged = _score_and_scope(model, data.images, options.backend)
     metrics = {
         **binary_metrics(data.labels, probs, model.threshold),
         **calibration_metrics(data.labels, probs),
@@ -87,6 +86,16 @@ def score(model: TrainedModel, images: np.ndarray, backend: str = "torch") -> np
     if backend == "numpy":
         return predict_numpy(numpy_classifier(model), images, batch)
     return torch.sigmoid(torch.from_numpy(model.logits(images))).numpy()
+
+
+def _score_and_scope(model: TrainedModel, images: np.ndarray, backend: str) -> tuple:
+    """Probabilities, and which images the applicability check flags (None: the model has none): from
+    one pass of the torch network, or the NumPy network's probabilities beside the torch network's check."""
+    if backend == "numpy":
+        return score(model, images, backend), model.out_of_scope(images)
+    logits, scores = model.scored(images)
+    flagged = None if scores is None else model.applicability.flags(scores)
+    return torch.sigmoid(torch.from_numpy(logits)).numpy(), flagged
 
 
 def _write(out_dir: Path, metrics: dict, data: Split, probs: np.ndarray, threshold: float) -> None:

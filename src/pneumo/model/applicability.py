@@ -69,6 +69,10 @@ class Applicability:
         threshold = float(torch.quantile(fitted.score(val), quantile))
         return cls(gaussians, threshold, quantile)
 
+    def flags(self, scores):
+        """Which scores are out of the model's scope: further than the threshold (NumPy or torch)."""
+        return scores > self.threshold
+
     def score(self, descriptors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fisher's combination of the descriptors' p-values: -2 sum(log p)."""
         return sum(-2 * g.p_value(descriptors[name]).log() for name, g in self.gaussians.items())

@@ -118,11 +118,13 @@ class TrainedModel:
     def logits(self, images: np.ndarray, device: torch.device | None = None, desc: str = "predicting") -> np.ndarray:
         """The calibrated logits (float64) for uint8 images (N, H, W), by the folded network on `device`
         (default: `self.device`), in batches of train.eval_batch_size."""
+        network, device = self._ready(device)
+        return logits(network, _tensor(images), self.config.train.eval_batch_size, device, desc)
+
+    def _ready(self, device: torch.device | None) -> tuple[Classifier, torch.device]:
+        """The folded network on `device` (default: `self.device`), for inference."""
         device = device or resolve_device(self.device)
-        network = prepare(self.network().folded(), device)
-        return logits(
-            network, torch.from_numpy(np.ascontiguousarray(images)), self.config.train.eval_batch_size, device, desc
-        )
+        return prepare(self.network().folded(), device), device
 
     def payload(self) -> dict:
         return {
@@ -143,24 +145,26 @@ class TrainedModel:
         where the checkpoint has no applicability statistics."""
         if self.applicability is None:
             return self.logits(images, device, desc), None
-        device = device or resolve_device(self.device)
-        network = prepare(self.network().folded(), device)
+        network, device = self._ready(device)
         batch = self.config.train.eval_batch_size
-        return scored(network, torch.from_numpy(np.ascontiguousarray(images)), batch, device, self.applicability, desc)
+        return scored(network, _tensor(images), batch, device, self.applicability, desc)
 
     def out_of_scope(self, images: np.ndarray, device: torch.device | None = None) -> np.ndarray | None:
         """Which images the applicability check flags as unlike the training images (None: no check)."""
         _, scores = self.scored(images, device, "checking scope")
-        return None if scores is None else scores > self.applicability.threshold
+        return None if scores is None else self.applicability.flags(scores)
 
     def fit_applicability(self, train: np.ndarray, val: np.ndarray, device: torch.device | None = None) -> None:
         """Describe the training images (`train`) and set the threshold on validation's (`val`)."""
-        device = device or resolve_device(self.device)
-        network = prepare(self.network().folded(), device)
+        network, device = self._ready(device)
         batch = self.config.train.eval_batch_size
-        _, on_train = described(network, torch.from_numpy(np.ascontiguousarray(train)), batch, device, "describing")
-        _, on_val = described(network, torch.from_numpy(np.ascontiguousarray(val)), batch, device, "describing")
+        _, on_train = described(network, _tensor(train), batch, device, "describing")
+        _, on_val = described(network, _tensor(val), batch, device, "describing")
         self.applicability = Applicability.fit(on_train, on_val, self.config.train.ood_quantile)
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images))
 
 
 def provenance(cfg: Config, **extra) -> dict:

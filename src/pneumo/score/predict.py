@@ -254,7 +254,7 @@ class _Scorer:
         if check is None:
             return predict(self.network, x, self.batch_size, self.device, desc="scoring"), None
         logits, ood = scored(self.network, x, self.batch_size, self.device, check, "scoring")
-        columns = [(f"{s:.3f}", "1" if s > check.threshold else "0") for s in ood]
+        columns = [(f"{s:.3f}", "1" if flag else "0") for s, flag in zip(ood, check.flags(ood), strict=True)]
         return torch.sigmoid(torch.from_numpy(logits)).numpy(), columns
 
 

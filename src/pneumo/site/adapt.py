@@ -118,7 +118,7 @@ def calibrate(
         after=report.metrics(after_probs, threshold),
         after_cross_validated=report.metrics(_cross_validated(z, sample, method), threshold),
         warnings=_warnings(sample),
-        out_of_scope=None if scope is None else float(np.mean(scope > model.applicability.threshold)),
+        out_of_scope=None if scope is None else float(np.mean(model.applicability.flags(scope))),
     )
 
 

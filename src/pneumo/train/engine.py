@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from pneumo.core.config import AugmentConfig
-from pneumo.core.device import autocast, to_input
+from pneumo.core.device import autocast, to_device, to_input
 from pneumo.core.distributed import Context
 from pneumo.core.progress import batches
-from pneumo.data.augment import augment, to_device
+from pneumo.data.augment import augment
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainingData:
             batch = order[part]
             if len(batch) < self.ctx.world:
                 continue  # a last batch too small for every process to get a row: skipped by all alike
-            at = to_device(batch[rows], self.images)
+            at = to_device(batch[rows], self.images.device)
             # index_select copies whole images; indexing with a tensor (images[idx]) goes element by element.
             x = to_input(self.images.index_select(0, at), self.device)
             y = self.labels.index_select(0, at).to(self.device, non_blocking=True).float()
