@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT, make_images, run_script
 from pneumo.cli import predict_main
 from pneumo.score import predict as predict_module
-from pneumo.score.predict import COLUMNS, InferenceModel, decoded_batches, find_images
+from pneumo.score.predict import COLUMNS, InferenceModel, decoded_batches, find_images, unescape_path
 
 
 @pytest.fixture
@@ -62,9 +62,30 @@ def test_rerun_skips_and_bad_files_are_listed(tmp_path, checkpoint):
     bad = [r for r in read(out) if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.jpeg") and "cannot identify" in bad[0]["error"]
     make_images(tmp_path / "imgs" / "new", 2)
-    assert predict_main(args) == 0  # only the two new files were left, and they scored
+    assert predict_main(args) == 4  # the two new files scored; the broken one was tried again
     rows = read(out)
-    assert len(rows) == 7 and len({r["path"] for r in rows}) == 7
+    assert len(rows) == 8 and len({r["path"] for r in rows}) == 7
+    assert sum(r["path"].endswith("broken.jpeg") for r in rows) == 2
+    # Its copy completes: the next run scores it, and its last row, its result, is a score.
+    (tmp_path / "imgs" / "broken.jpeg").write_bytes((tmp_path / "imgs" / "new" / "b" / "img0000.png").read_bytes())
+    result = predict_cli(*args)
+    assert result.returncode == 0 and "1 scored" in result.stdout and "1 of these again" in result.stdout
+    rows = read(out)
+    assert len(rows) == 9 and rows[-1]["path"].endswith("broken.jpeg") and rows[-1]["probability"]
+
+
+def test_a_file_scored_by_another_model_is_scored_again(tmp_path, checkpoint, learned_run):
+    """The README's steps: score, calibrate, score into the same file with the new model. A file's last
+    row is its result, so every file gets the new model's row; a third run has nothing to do."""
+    make_images(tmp_path / "imgs", 3)
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 0
+    again = ["--checkpoint", str(learned_run[0]), "--out", str(out), str(tmp_path / "imgs")]
+    result = predict_cli(*again)
+    assert result.returncode == 0 and "3 scored" in result.stdout and "3 of these again" in result.stdout
+    rows = read(out)
+    assert len(rows) == 6 and len({r["model"] for r in rows[:3]}) == 1 and rows[3]["model"] != rows[0]["model"]
+    assert "0 scored" in predict_cli(*again).stdout and len(read(out)) == 6
 
 
 def test_killed_run_resumes_with_each_file_once(tmp_path, checkpoint):
@@ -150,7 +171,9 @@ def test_odd_file_names_round_trip_through_the_csv(tmp_path, checkpoint):
     assert predict_main(args) == 0
     rows = read(out)
     assert len(rows) == 5 and all(r["probability"] for r in rows)
-    assert {os.fsencode(r["path"]).rsplit(b"/", 1)[1] for r in rows} >= set(names)
+    out.read_bytes().decode("utf-8")  # valid UTF-8 throughout: undecodable bytes are escaped, reversibly
+    assert {os.fsencode(unescape_path(r["path"])).rsplit(b"/", 1)[1] for r in rows} >= set(names)
+    assert any(r["path"].endswith("bad\\xff.png") for r in rows)
     # Cut the file right after the line feed inside the first quoted path, as a kill could.
     data = out.read_bytes()
     header_end = data.index(b"\n") + 1
@@ -169,9 +192,9 @@ def test_a_fifo_in_an_input_list_is_a_row_not_a_hang(tmp_path, checkpoint):
     (tmp_path / "list.csv").write_bytes(b"path,label\npipe.png\nimgs/a/img0001.png,x\n,\n\xff\xfe.png\n")
     out = tmp_path / "scores.csv"
     assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "list.csv")]) == 4
-    errors = {Path(r["path"]).name: r["error"] for r in read(out)}
+    errors = {Path(unescape_path(r["path"])).name: r["error"] for r in read(out)}
     assert "not a regular file" in errors["pipe.png"] and errors["img0001.png"] == ""
-    assert "file not found" in [e for name, e in errors.items() if name.startswith("\udcff")][0]
+    assert "file not found" in errors["\udcff\udcfe.png"]
 
 
 def test_a_symlink_to_the_output_meets_the_same_lock(tmp_path, checkpoint):

@@ -2,8 +2,9 @@
 
 The output CSV is the job's state. Rows are appended a batch at a time and synced to disk, so a run
 killed at any moment keeps every row it wrote; a re-run first cuts off whatever a kill left half
-written, then skips the paths already in the file. A lock (see fileio.FileLock) keeps two runs off
-one output, whatever name they reach it by.
+written, then skips the files whose last row is this model's score. A file whose last row is an
+error, or another model's score, is scored again and gets a new row: a file's last row is its result.
+A lock (see fileio.FileLock) keeps two runs off one output, whatever name they reach it by.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +126,7 @@ class Summary:
     shard: Shard = Shard()
     startup: float = 0.0  # getting the model ready to score (on a CPU, loading its kernels)
     out_of_scope: int | None = None  # files scored this run that the applicability check flagged
+    again: int = 0  # files scored this run (or tried) whose earlier row was an error or another model's
 
     @property
     def out_of_scope_share(self) -> float:
@@ -133,9 +136,11 @@ class Summary:
         rate = self.scored / self.seconds if self.seconds else 0.0
         share = f"shard {self.shard}: " if self.shard.n > 1 else ""
         flagged = "" if self.out_of_scope is None else f" ({self.out_of_scope} out of the model's scope)"
+        again = f", {self.again} of these again (their last row was an error or another model's)" if self.again else ""
         line = (
-            f"{share}{self.total} files: {self.scored} scored{flagged}, {self.bad} unusable, {self.already_done} "
-            f"already in {out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in {self.startup:.1f} s"
+            f"{share}{self.total} files: {self.scored} scored{flagged}, {self.bad} unusable{again}, "
+            f"{self.already_done} already in {out}; {self.seconds:.1f} s ({rate:.1f} images/s), model ready in "
+            f"{self.startup:.1f} s"
         )
         if self.out_of_scope_share > MOSTLY_OUT_OF_SCOPE:  # one sentence more, for whoever reads the job's mail
             line += (
@@ -156,16 +161,18 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
     scores = ScoresCsv(out)
     busy = "another pneumo-predict (pid {pid}) is writing " + str(scores.target) + "; try again when it has finished"
     with FileLock(scores.lock_file, busy):
-        done = scores.repair_and_read()
-        todo = [f for f in files if f not in done]
+        latest = scores.repair_and_read()
+        todo = [f for f in files if not _current(latest.get(f), model)]
+        again = sum(1 for f in todo if f in latest)
         log.info(
-            "%d files%s, %d already in %s, %d to score with model %s",
+            "%d files%s, %d already in %s, %d to score with model %s (%d of them again)",
             len(files),
             f" in shard {options.shard}" if options.shard.n > 1 else "",
             len(files) - len(todo),
             out,
             len(todo),
             model.model_id,
+            again,
         )
         # Only a run with files to score gets its model ready: a nightly job with nothing new stays quick.
         scorer = _Scorer.ready(model, device, options.batch_size) if todo else None
@@ -180,7 +187,14 @@ def run_predict(model: InferenceModel, inputs: list[str], out: str | Path, optio
     seconds = time.perf_counter() - start - startup
     summary = Summary(len(files), len(files) - len(todo), len(todo) - bad, bad, seconds, options.shard, startup)
     summary.out_of_scope = flagged if model.applicability else None
+    summary.again = again
     return summary
+
+
+def _current(row: list[str] | None, model: InferenceModel) -> bool:
+    """Whether a file's last row is this model's score: an error row, or a row of another model (another
+    checkpoint, calibration or threshold), leaves the file to score again."""
+    return row is not None and not row[4] and row[3] == model.model_id
 
 
 # Files are decoded this many scoring batches at a time, the next block while the current one is
@@ -242,10 +256,11 @@ class _Scorer:
             if p is not None and not np.isfinite(p):
                 errors[i], p = "the model gave no finite probability for this image", None
             if p is None:
-                rows.append([path, "", "", self.model.model_id, errors[i], *provenance, "", ""])
+                columns = ["", "", self.model.model_id, escape_path(errors[i]), *provenance, "", ""]
             else:
                 label = PNEUMONIA if p >= self.model.threshold else NORMAL
-                rows.append([path, f"{p:.6f}", label, self.model.model_id, "", *provenance, *in_scope.get(i, ("", ""))])
+                columns = [f"{p:.6f}", label, self.model.model_id, "", *provenance, *in_scope.get(i, ("", ""))]
+            rows.append([escape_path(path), *columns])
         return rows
 
     def _score(self, images: np.ndarray) -> tuple[np.ndarray, list | None]:
@@ -303,10 +318,10 @@ class ScoresCsv:
         self.target = self.path.resolve()  # a symlink and its target share one lock
         self.lock_file = self.target.with_name(self.target.name + ".lock")
 
-    def repair_and_read(self) -> set[str]:
-        """Paths already in the file, after cutting off whatever follows its last complete row."""
+    def repair_and_read(self) -> dict[str, list[str]]:
+        """The last row of each path in the file, after cutting off a half-written last row."""
         if not self.path.exists():
-            return set()
+            return {}
         data = self.path.read_bytes()
         if data.startswith(encode_row(COLUMNS[:5])) and not data.startswith(encode_row(COLUMNS)):
             raise PneumoError(
@@ -329,7 +344,7 @@ class ScoresCsv:
             log.warning("%s ended in an incomplete row (an earlier run was killed); removing it", self.path)
             with open(self.path, "r+b") as f:
                 f.truncate(good)
-        return {r[0] for r in rows[1:]}
+        return {unescape_path(r[0]): r for r in rows[1:]}
 
     def appending(self):
         return _Appender(self.path)
@@ -355,6 +370,21 @@ class _Appender:
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+
+def escape_path(path: str) -> str:
+    """`path` as valid UTF-8 text: each byte of the name that is not UTF-8 (held by Python as a
+    surrogate) written as \\xNN, and a backslash as two, so that `unescape_path` gives it back."""
+    return "".join(
+        "\\\\" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in path
+    )
+
+
+def unescape_path(text: str) -> str:
+    return _ESCAPE.sub(lambda m: "\\" if m[0] == "\\\\" else chr(0xDC00 + int(m[1], 16)), text)
+
+
+_ESCAPE = re.compile(r"\\\\|\\x([0-9a-f]{2})")
 
 
 def encode_row(row: list[str]) -> bytes:
