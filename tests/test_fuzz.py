@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT
 from pneumo.cli import predict_main, train_main
 from pneumo.data.synthetic import make_split
-from pneumo.score.predict import COLUMNS
+from pneumo.score.predict import COLUMNS, unescape_path
 
 KEYS = [
     "seed",
@@ -100,7 +100,8 @@ def test_any_file_names_are_scored_once_and_read_back(trained_checkpoint, names)
             assert code == 0, err
             rows = read_rows(out)
             assert len(rows) == len(names) and len({r[0] for r in rows}) == len(names)
-        assert {os.fsencode(r[0]) for r in rows} == set(listed)
+        assert {os.fsencode(unescape_path(r[0])) for r in rows} == set(listed)
+        out.read_bytes().decode("utf-8")  # valid UTF-8 whatever the names hold
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

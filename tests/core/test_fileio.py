@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from pneumo.core.errors import OutputLocked
-from pneumo.core.fileio import FileLock, atomic_write, file_sha256
+from pneumo.core.errors import OutputLocked, PneumoError
+from pneumo.core.fileio import FileLock, atomic_write, file_sha256, read_regular, require_apart
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -77,3 +77,38 @@ def test_a_lock_file_holds_the_holders_pid_and_is_taken_over_after_it(tmp_path):
                 pass
     with FileLock(lock, "busy"):  # released: taken again
         pass
+
+
+def test_outputs_are_kept_apart_from_inputs_and_each_other_under_any_name(tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    os.symlink(model, tmp_path / "link.pt")
+    os.link(model, tmp_path / "hard.pt")
+    for alias in ("link.pt", "hard.pt", "model.pt"):
+        with pytest.raises(PneumoError, match=f"--out .*{alias} is --checkpoint too"):
+            require_apart({"--out": tmp_path / alias}, {"--checkpoint": model})
+    with pytest.raises(PneumoError, match="--log-file .* is --out too"):
+        require_apart({"--out": tmp_path / "new.csv", "--log-file": tmp_path / "new.csv"}, {})
+    for odd in ("/dev/null", "/dev/zero"):
+        with pytest.raises(PneumoError, match="not a regular file"):
+            require_apart({"--out": odd}, {})
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(PneumoError, match="link loop"):
+        require_apart({"--out": tmp_path / "loop"}, {})
+    require_apart({"--out": tmp_path / "new.csv", "--log-file": tmp_path / "job.log"}, {"--checkpoint": model})
+
+
+def test_read_regular_refuses_what_could_block_or_fill_memory(tmp_path):
+    os.mkfifo(tmp_path / "fifo.csv")
+    for path in (tmp_path / "fifo.csv", "/dev/zero", tmp_path):
+        with pytest.raises(PneumoError, match="not a regular file"):
+            read_regular(path, "manifest")
+    (tmp_path / "big.csv").write_bytes(b"x" * 2048)
+    with pytest.raises(PneumoError, match="larger than"):
+        read_regular(tmp_path / "big.csv", "manifest", limit=1024)
+    assert read_regular(tmp_path / "big.csv", "manifest") == b"x" * 2048
+
+
+def test_atomic_write_refuses_a_folder(tmp_path):
+    with pytest.raises(PneumoError, match="is a folder"):
+        atomic_write(tmp_path, lambda f: f.write(b""))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pneumo.core.errors import PneumoError
-from pneumo.data.download import download
+from pneumo.data.download import download, download_pneumoniamnist
 
 ROOT = Path(__file__).resolve().parents[2]
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)
@@ -110,6 +110,12 @@ def test_offline_is_one_clear_sentence(tmp_path):
     closed.close()  # nothing listens on that port any more
     with pytest.raises(PneumoError, match="cannot reach 127.0.0.1:\\d+ .*check the network connection"):
         download(url, tmp_path / "f.npz", MD5, timeout=5)
+
+
+@pytest.mark.parametrize("url, phrase", [("http://[::1", "is not a URL"), ("notaurl", "not an http:// or https://")])
+def test_a_base_url_that_is_no_url_is_one_sentence(tmp_path, url, phrase):
+    with pytest.raises(PneumoError, match=phrase):
+        download_pneumoniamnist([28], tmp_path, url)
 
 
 def test_command_line_exit_codes(tmp_path, server):

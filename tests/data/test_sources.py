@@ -54,9 +54,12 @@ def test_manifest_with_splits_and_patients(tmp_path):
         ("path,label\na.png,1\nb.png,0\n./a.png,1\n", "line 4: ./a.png is listed twice (first on line 2)"),
         ("path,label,split\na.png,1,holdout\n", "line 2: unknown split 'holdout'"),
         ("path,label\n", "lists no images"),
+        ("path,label\n" + "a" * 140_000 + ".png,1\n", "not a readable CSV (field larger than field limit"),
+        ("path,label\nloop.png,1\n", "line 2: .*loop.png cannot be resolved"),
     ],
 )
 def test_manifest_errors(tmp_path, text, message):
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
     with pytest.raises(PneumoError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_manifest(write_csv(tmp_path / "m.csv", text))
 

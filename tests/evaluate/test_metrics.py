@@ -172,3 +172,8 @@ def test_bootstrap_resamples_whole_patients():
     assert width(by_patient) > 1.5 * width(by_image)  # honest intervals are wider
     assert bootstrap_unit(groups, 200) == "patients" and bootstrap_unit(np.arange(200), 200) == "images"
     assert bootstrap_unit(None, 200) == "images"
+
+
+def test_bootstrap_with_no_two_class_resample_gives_no_interval():
+    # Two images, one resample: at best half the time both classes are drawn; here (seed 0) they are not.
+    assert bootstrap_ci(np.array([0, 1]), np.array([0.2, 0.8]), 0.5, resamples=1, seed=0) == {}

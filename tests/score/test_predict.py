@@ -197,6 +197,15 @@ def test_a_fifo_in_an_input_list_is_a_row_not_a_hang(tmp_path, checkpoint):
     assert "file not found" in errors["\udcff\udcfe.png"]
 
 
+def test_a_symlink_loop_in_an_input_list_is_a_row(tmp_path, checkpoint):
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    (tmp_path / "list.csv").write_text("path\nloop.png\n")
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "list.csv")]) == 4
+    (row,) = read(out)
+    assert row["path"].endswith("loop.png") and "symbolic links" in row["error"]
+
+
 def test_a_symlink_to_the_output_meets_the_same_lock(tmp_path, checkpoint):
     make_images(tmp_path / "imgs", 2)
     out = tmp_path / "scores.csv"
@@ -337,7 +346,7 @@ def test_a_job_of_mostly_unfamiliar_images_warns_and_can_fail(tmp_path, checkpoi
     result = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "b.csv", "--fail-on-ood", "1", tmp_path)
     assert result.returncode == 0
     bad = predict_cli("--checkpoint", checkpoint, "--out", tmp_path / "c.csv", "--fail-on-ood", "1.5", tmp_path)
-    assert bad.returncode == 2 and "--fail-on-ood 1.5" in bad.stderr and not (tmp_path / "c.csv").exists()
+    assert bad.returncode == 2 and "a share from 0 to 1" in bad.stderr and not (tmp_path / "c.csv").exists()
 
 
 def test_a_model_without_the_check_leaves_its_columns_empty(tmp_path, checkpoint):

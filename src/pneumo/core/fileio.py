@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def atomic_write(path: str | Path, write) -> None:
     A crash or kill at any point leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
+    if path.is_dir() or not path.name or path.name == "..":
+        raise PneumoError(f"{path} is a folder: name the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -42,6 +45,68 @@ def _new_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def require_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Stop before any work when an output is one of the inputs or another output, under whatever name
+    (a link, a hard link), or exists and is no regular file or folder (/dev/null, a FIFO): a command
+    never writes over what it reads, nor two things into one file. Data outputs (all but `--log-file`)
+    must not be this process's standard output either (/dev/stdout), where the summary goes. Keys
+    name the option (`--out`), values are paths (None: not given)."""
+    seen = {name: _identity(path) for name, path in inputs.items() if path is not None}
+    stdout = _stdout_identity()
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        key = _identity(path)
+        if os.path.lexists(path) and not (Path(path).is_file() or Path(path).is_dir()):
+            raise PneumoError(f"{name} {path} is not a regular file (a device, FIFO, socket or link loop): name a file")
+        clash = next((other for other, k in seen.items() if k == key), None)
+        if clash is None and name != "--log-file" and key == stdout:
+            clash = "the standard output"
+        if clash:
+            raise PneumoError(f"{name} {path} is {clash} too: name another file, so that neither is overwritten")
+        seen[name] = key
+
+
+def _stdout_identity() -> tuple | None:
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real standard output (captured, closed)
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _identity(path: str | Path) -> tuple:
+    """What a path is: its device and inode when it exists, else its resolved name."""
+    try:
+        st = os.stat(path)
+    except OSError:  # not there (yet), or behind a link loop
+        try:
+            return (str(Path(path).resolve()),)
+        except (OSError, RuntimeError):
+            return (os.path.abspath(path),)
+    return (st.st_dev, st.st_ino)
+
+
+MAX_TEXT_BYTES = 1 << 30  # a manifest or list larger than this is not what its name says
+
+
+def read_regular(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes. A FIFO, a device (/dev/zero) or a
+    folder could block or fill memory for ever: refused, like a missing file, in one sentence."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise PneumoError(f"{what} {path} cannot be read: {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PneumoError(f"{what} {path} is not a regular file (a FIFO, device, socket or folder)")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PneumoError(f"{what} {path} is larger than {limit >> 20} MB")
+    return data
 
 
 def file_sha256(path: str | Path) -> str:

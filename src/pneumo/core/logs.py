@@ -29,7 +29,7 @@ def logging_to(path: str | Path | None, mode: str = "a"):
     if path is None:
         yield
         return
-    handler = logging.FileHandler(path, mode=mode, encoding="utf-8", errors="backslashreplace")
+    handler = _FileHandler(path, mode=mode, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(_FORMAT)
     log.addHandler(handler)
     try:
@@ -37,3 +37,22 @@ def logging_to(path: str | Path | None, mode: str = "a"):
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file that cannot be written (a full disk) says so once on stderr, in one line, and the
+    command goes on: its results do not depend on its log."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"pneumo: cannot write the log file {self.baseFilename} ({error}); going on", file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes: on a full disk, that fails as every write did
+        except OSError:
+            pass

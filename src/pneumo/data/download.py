@@ -26,6 +26,16 @@ CHUNK = 1 << 20
 MAX_BYTES = 2_000_000_000
 
 
+def _require_http_url(url: str) -> None:
+    try:
+        parts = urlparse(url)
+        parts.port  # noqa: B018 - parsing the port is what rejects "host:notaport"
+    except ValueError as e:
+        raise PneumoError(f"{url} is not a URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise PneumoError(f"{url} is not an http:// or https:// URL")
+
+
 def md5sum(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
@@ -102,6 +112,7 @@ def _finish(part: Path, dest: Path, md5: str, url: str) -> Path:
 
 
 def download_pneumoniamnist(sizes: list[int], out_dir: str | Path, base_url: str = MEDMNIST_BASE_URL) -> list[Path]:
+    _require_http_url(base_url)
     out = []
     for size in sizes:
         name, md5 = PNEUMONIAMNIST[size]

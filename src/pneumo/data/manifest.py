@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumo.core.errors import PneumoError
+from pneumo.core.fileio import read_regular
 from pneumo.core.labels import CLASSES, SPLITS
 from pneumo.data.folder import patient_id
 
@@ -24,13 +25,19 @@ class Row:
 def read_manifest(csv_path: str | Path) -> list[Row]:
     """Every row, checked: known labels and splits, no path twice. Without a split column every row is 'train'."""
     csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise PneumoError(f"manifest {csv_path} does not exist")
     try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise PneumoError(f"manifest {csv_path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_regular(csv_path, "manifest").decode("utf-8-sig")
+    except UnicodeDecodeError as e:
         raise PneumoError(f"manifest {csv_path} cannot be read: {e}") from None
-    reader = csv.DictReader(text.splitlines())
+    try:
+        return _rows(csv_path, csv.DictReader(text.splitlines()))
+    except csv.Error as e:  # a field over csv's size limit, say
+        raise PneumoError(f"manifest {csv_path} is not a readable CSV ({e})") from None
+
+
+def _rows(csv_path: Path, reader: csv.DictReader) -> list[Row]:
     columns = [c.strip() for c in reader.fieldnames or []]
     if not {"path", "label"} <= set(columns):
         raise PneumoError(
@@ -49,7 +56,7 @@ def read_manifest(csv_path: str | Path) -> list[Row]:
         split = record.get("split") or "train"
         if split not in SPLITS:
             raise PneumoError(f"{where}: unknown split '{split}' (expected train, val or test)")
-        path = str((csv_path.parent / record["path"]).resolve())
+        path = _resolved(csv_path.parent / record["path"], where)
         if path in seen:
             raise PneumoError(f"{where}: {record['path']} is listed twice (first on line {seen[path]})")
         seen[path] = line
@@ -57,3 +64,10 @@ def read_manifest(csv_path: str | Path) -> list[Row]:
     if not rows:
         raise PneumoError(f"manifest {csv_path} lists no images")
     return rows
+
+
+def _resolved(path: Path, where: str) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise PneumoError(f"{where}: {path} cannot be resolved ({e})") from None

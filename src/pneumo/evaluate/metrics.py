@@ -133,6 +133,8 @@ def bootstrap_ci(
         m = binary_metrics(labels[idx], probs[idx], threshold)
         for k in CI_METRICS:
             values[k].append(m[k])
+    if not values["auc"]:  # every resample held one class: too few images or resamples for an interval
+        return {}
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in values.items()}
 
 

@@ -47,6 +47,8 @@ def export(trained: TrainedModel, fmt: str, out: str | Path) -> float:
         expected = model(samples).numpy()
 
     out = Path(out)
+    if out.is_dir() or not out.name:
+        raise PneumoError(f"--out {out} is a folder: name the file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -28,7 +28,7 @@ from pneumo import __version__
 from pneumo.core.config import DataConfig, config_hash
 from pneumo.core.device import prepare, resolve_device
 from pneumo.core.errors import CheckpointError, PneumoError
-from pneumo.core.fileio import FileLock, file_sha256
+from pneumo.core.fileio import FileLock, file_sha256, read_regular
 from pneumo.core.labels import NORMAL, PNEUMONIA
 from pneumo.core.logs import log
 from pneumo.core.progress import progress
@@ -103,10 +103,10 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        k, sep, n = text.partition("/")
-        if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
-            raise PneumoError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 2/8")
-        return cls(int(k), int(n))
+        match = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", text)  # ASCII digits: int() takes others too
+        if not (match and 1 <= int(match[1]) <= int(match[2])):
+            raise PneumoError(f"--shard {text}: expected K/N with 1 <= K <= N < 10^9, e.g. --shard 2/8")
+        return cls(int(match[1]), int(match[2]))
 
     def holds(self, key: str) -> bool:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
@@ -285,21 +285,30 @@ def find_images(inputs: list[str]) -> dict[str, str]:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."):
-                    found.setdefault(str(f.resolve()), f.relative_to(p).as_posix())
+                    found.setdefault(_key(f), f.relative_to(p).as_posix())
         elif p.suffix.lower() == ".csv" and p.is_file():
             for name in _csv_list(p):
-                found.setdefault(str((p.parent / name).resolve()), name)
+                found.setdefault(_key(p.parent / name), name)
         elif os.path.lexists(p):
-            found.setdefault(str(p.resolve()), item)
+            found.setdefault(_key(p), item)
         else:
             raise PneumoError(f"input {item} does not exist")
     return dict(sorted(found.items()))
 
 
+def _key(path: Path) -> str:
+    """A file's name in the output: its resolved path, or, behind a link loop, its absolute path (its
+    row then says that it cannot be read)."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(path)
+
+
 def _csv_list(path: Path) -> list[str]:
     """The paths a CSV list names, as written (relative to the CSV unless absolute). Bytes that are not
     UTF-8 are kept as the file system would name them; short rows are skipped."""
-    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    text = read_regular(path, "input list").decode("utf-8-sig", errors="surrogateescape")
     try:
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as e:
