@@ -17,6 +17,7 @@ from conftest import (
     assert_clean_failure,
     call,
     history,
+    make_images,
     needs_shared,
     run_script,
     tiny_raw,
@@ -197,6 +198,47 @@ def test_bad_config_is_reported_before_torch_is_imported(tmp_path):
 def test_argument_errors_exit_2():
     result = run("evaluate.py", "--checkpoint", "x.pt")
     assert result.returncode == 2 and "--out" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, phrase",
+    [
+        ("predict.py", ["--out", "s.csv", "--shard", "²/3", "."], "--shard ²/3"),
+        ("predict.py", ["--out", "s.csv", "--shard", "1/" + "9" * 5000, "."], "expected K/N"),
+        ("predict.py", ["--out", "s.csv", "--fail-on-ood", "2", "."], "a share from 0 to 1"),
+        ("predict.py", ["--out", "s.csv", "--batch-size", "0", "."], "from 1 to 4096"),
+        ("evaluate.py", ["--out", "e", "--bootstrap", "-1"], "argument --bootstrap"),
+        ("evaluate.py", ["--out", "e", "--seed", "-1"], "argument --seed"),
+        ("calibrate.py", ["--out", "x.pt", "--seed", "-1", "."], "argument --seed"),
+        ("calibrate.py", ["--out", "x.pt", "--folds", "1", "."], "argument --folds"),
+        ("export.py", ["--format", "onnx", "--out", "."], "is a folder"),
+        ("predict.py", ["--out", "/dev/null", "."], "not a regular file"),
+    ],
+)
+def test_options_out_of_range_are_one_sentence_and_exit_2(tmp_path, script, args, phrase):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_output_onto_standard_output_is_refused_and_a_reader_that_left_is_no_failure(tmp_path):
+    images = make_images(tmp_path / "imgs", 2)
+    predict = [sys.executable, str(ROOT / "scripts" / "predict.py")]
+    with open(tmp_path / "o.txt", "w") as stdout:
+        result = subprocess.run(
+            [*predict, "--out", "/dev/stdout", str(images[0])], stdout=stdout, stderr=subprocess.PIPE
+        )
+    assert result.returncode == 2 and b"the standard output too" in result.stderr
+    # `| true`: the reader has gone before the summary is printed; the scores are written all the same.
+    pipe = subprocess.Popen(
+        [*predict, "--out", str(tmp_path / "s.csv"), str(tmp_path / "imgs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    pipe.stdout.close()
+    assert pipe.wait() == 0 and b"Traceback" not in pipe.stderr.read()
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 3
 
 
 def test_evaluation_report(tmp_path):

@@ -12,18 +12,21 @@ inside the command bodies, so a bad argument or config is reported before paying
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import yaml
 
 from pneumo import __version__
 from pneumo.core.config import load_config, to_dict
 from pneumo.core.errors import PneumoError
+from pneumo.core.fileio import require_apart
 from pneumo.core.logs import log, logging_to, setup_logging
 from pneumo.core.process import Terminated, idle_threads_sleep, sigterm_raises, tune_allocator
 from pneumo.cpu import environment_setting
@@ -81,11 +84,15 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="torch, or the from-scratch NumPy network (float64, CPU, slower; same results)",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none)"
+        "--bootstrap", type=RESAMPLES, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap")
     p.add_argument(
-        "--explain", type=int, default=0, metavar="N", help="Grad-CAM overlays for the N most confident errors"
+        "--explain",
+        type=whole(0, 10_000),
+        default=0,
+        metavar="N",
+        help="Grad-CAM overlays for the N most confident errors",
     )
     p.add_argument(
         "--explain-file",
@@ -100,8 +107,6 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args) -> int | None:
-    if args.bootstrap < 0 or args.explain < 0:
-        raise PneumoError("--bootstrap and --explain must be 0 or more")
     if not args.out and not args.print_config:
         raise PneumoError("--out is required: the folder for metrics.json, predictions.csv and the report")
     from pneumo.evaluate.evaluation import EvalOptions, evaluate
@@ -129,7 +134,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the CSV to write or extend")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=whole(1, 4096),
         default=32,
         help="images scored at a time (bounds memory; files are decoded 8 batches at a time)",
     )
@@ -148,21 +153,17 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fail-on-ood",
-        type=float,
+        type=share,
         metavar="FRACTION",
         help="exit 6 when more than this share of the files scored is out of the model's scope (ood = 1)",
     )
 
 
 def _predict(args) -> int:
-    if args.batch_size < 1:
-        raise PneumoError("--batch-size must be at least 1")
     idle_threads_sleep()
     from pneumo.score.predict import InferenceModel, PredictOptions, Shard, run_predict
 
     fail_on_ood = args.fail_on_ood
-    if fail_on_ood is not None and not 0 <= fail_on_ood <= 1:
-        raise PneumoError(f"--fail-on-ood {fail_on_ood}: expected a share between 0 and 1")
     options = PredictOptions(args.batch_size, args.device, Shard.parse(args.shard))
     model = InferenceModel.load(_checkpoint(args), trust_torchscript=args.trust_torchscript)
     if fail_on_ood is not None and model.applicability is None:
@@ -211,48 +212,63 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
         "--method", default="platt", choices=["platt", "temperature"], help="how logits map to probabilities"
     )
     p.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="patient-level resamples for the 95%% intervals"
+        "--adapt",
+        default="auto",
+        choices=["auto", "recalibrate", "fine-tune"],
+        help="auto (default): whichever cross-validates best over the sample's patients",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument(
+        "--folds", type=whole(2, 100), default=5, metavar="K", help="cross-validation folds (whole patients)"
+    )
+    p.add_argument(
+        "--steps", type=whole(1, 1_000_000), metavar="N", help="fine-tuning: optimizer steps (default: the recipe's)"
+    )
+    p.add_argument(
+        "--bootstrap", type=RESAMPLES, default=1000, metavar="N", help="patient-level resamples for the 95%% intervals"
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the folds, the fine-tuning and the bootstrap")
     _set_option(p)
 
 
 def _calibrate(args) -> None:
     from pneumo.model.checkpoint import TrainedModel, save_checkpoint
-    from pneumo.site.adapt import calibrate, load_sample
+    from pneumo.site.adapt import Options, adapt, load_sample
+    from pneumo.site.finetune import Recipe
 
+    recipe = Recipe() if args.steps is None else Recipe(steps=args.steps)
+    options = Options(args.method, args.adapt, args.folds, recipe, args.bootstrap, args.seed)
     model = TrainedModel.load(_checkpoint(args), args.set)
-    if Path(args.out).resolve() == model.path.resolve():
-        raise PneumoError(f"--out {args.out} is the input checkpoint: write the calibrated model to a new file")
     sample = load_sample(args.labelled, model.config.data.image_size, model.config.data.max_pixels)
-    result = calibrate(model, sample, args.method, args.bootstrap, args.seed)
+    require_apart({"--out": args.out}, {f"the sample's image {p}": p for p in sample.paths})
+    result = adapt(model, sample, options)
     save_checkpoint(args.out, result.model.payload())
-    print(calibration_table(result, sample))
+    print(adaptation_table(result, sample))
     if result.out_of_scope is not None:
         print(f"out of the model's scope (applicability check): {100 * result.out_of_scope:.1f}% of the sample")
     for warning in result.warnings:
         print(f"warning: {warning}")
-    print(f"pneumo-calibrate: wrote {args.out} (threshold {result.model.threshold:.4f}); {model.path} is unchanged")
+    print(
+        f"pneumo-calibrate: kept {result.kept}; wrote {args.out} (threshold {result.model.threshold:.4f}); "
+        f"{model.path} is unchanged"
+    )
 
 
-def calibration_table(result, sample) -> str:
+def adaptation_table(result, sample) -> str:
+    """The sample's figures with the model as it was and, cross-validated, with each candidate."""
     n_normal, n_pneumonia = int((sample.labels == 0).sum()), int(sample.labels.sum())
     head = (
         f"sample: {len(sample.labels)} images ({n_pneumonia} pneumonia, {n_normal} normal, "
         f"{len(set(sample.patients))} patients); 95% intervals over {result.before.get('bootstrap_unit', 'images')}"
     )
-    columns = (
-        ("before", result.before),
-        ("after", result.after),
-        ("after, cross-validated", result.after_cross_validated),
-    )
-    lines = [head, f"{'':12s}" + "".join(f"{name:>26s}" for name, _ in columns)]
+    columns = [("before", result.before)]
+    columns += [(f"{name}, cross-validated", m) for name, m in result.cross_validated.items()]
+    lines = [head, f"{'':12s}" + "".join(f"{name:>30s}" for name, _ in columns)]
     for key in ("auc", "accuracy", "sensitivity", "specificity", "ece", "threshold"):
         cells = []
         for _, m in columns:
             ci = m.get("ci95", {}).get(key)
             cells.append(f"{m[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
-        lines.append(f"{key:12s}" + "".join(f"{c:>26s}" for c in cells))
+        lines.append(f"{key:12s}" + "".join(f"{c:>30s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -288,8 +304,8 @@ COMMANDS = {
         keeps_freed_memory=False,
     ),
     "calibrate": Command(
-        "Adapt a trained model to a site: refit its calibration and threshold on a labelled sample of the "
-        "site's images, and write a new checkpoint.",
+        "Adapt a trained model to a site from a labelled sample of its images: recalibrate it or fine-tune it, "
+        "whichever cross-validates better over the sample's patients, and write a new checkpoint.",
         _calibrate_arguments,
         _calibrate,
     ),
@@ -361,8 +377,10 @@ def run_command(prog: str, body, args, keeps_freed_memory: bool = True) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")  # odd file names must not break a message
     log_file = getattr(args, "log_file", None)
+    stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)
     try:
         environment_setting()  # a bad PNEUMO_CPU_KERNELS stops the command before any work
+        require_apart(*_named_files(args))  # before the log file is opened: it may be one of the inputs
         with sigterm_raises(), _log_file(prog, log_file):
             return body(args) or EXIT_OK
     except PneumoError as e:
@@ -377,6 +395,49 @@ def run_command(prog: str, body, args, keeps_freed_memory: bool = True) -> int:
     except Terminated:
         print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
+    finally:
+        sys.stdout = stdout
+
+
+def _named_files(args) -> tuple[dict, dict]:
+    """(outputs, inputs) that the command line names, by option, for `require_apart`."""
+    outputs = {"--out": getattr(args, "out", None), "--log-file": getattr(args, "log_file", None)}
+    inputs = {}
+    for option in ("--checkpoint", "--explain-file", "--config"):
+        value = getattr(args, option[2:].replace("-", "_"), None)
+        for path in value if isinstance(value, list) else [value]:
+            inputs[f"{option} {path}" if isinstance(value, list) else option] = path
+    for path in [*getattr(args, "inputs", []), *getattr(args, "labelled", [])]:
+        inputs[f"the input {path}"] = path
+    return outputs, inputs
+
+
+class ReaderMayLeave:
+    """Standard output that goes quiet, without an error, once its reader has gone (`| head`, `| true`):
+    a command's work and exit code do not depend on whether anyone reads its summary."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._quiet()
+
+    def _quiet(self) -> None:
+        # Writes from now on go to /dev/null, the interpreter's last flush at exit included.
+        self._stream = open(os.devnull, "w")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _log_file(prog: str, path: str | None):
@@ -416,6 +477,33 @@ def _set_option(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
     )
+
+
+def whole(lo: int, hi: int):
+    """An argparse type: a whole number of ASCII digits from `lo` to `hi`. A value out of range is
+    argparse's one-line error and exit code 2, before any work."""
+
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"-?[0-9]{1,12}", text.strip()) or not lo <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text[:40]!r}")
+        return int(text)
+
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a share from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {text[:40]!r}")
+    return value
+
+
+SEED = whole(0, 2**32 - 1)  # numpy's and torch's seeds are unsigned 32-bit numbers
+RESAMPLES = whole(0, 1_000_000)
 
 
 def _checkpoint_option(

@@ -19,12 +19,14 @@ import numpy as np
 
 from pneumo.core.errors import PneumoError
 from pneumo.core.labels import CLASSES
+from pneumo.core.logs import log
 from pneumo.data.folder import list_classes, patient_id
 from pneumo.data.images import decode_all
 from pneumo.data.manifest import read_manifest
 from pneumo.evaluate.metrics import binary_metrics, bootstrap_ci, bootstrap_unit, calibration_metrics, operating_points
 from pneumo.model import calibration
 from pneumo.model.checkpoint import TrainedModel
+from pneumo.site.finetune import Recipe, fine_tune
 
 MIN_PER_CLASS = 10  # two parameters and a threshold from fewer images of a class would be a guess
 TRUSTED_PER_CLASS = 50  # below this the sample's figures carry wide intervals: say so
@@ -78,60 +80,152 @@ def _require_enough(labels: np.ndarray) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Options:
+    method: str = "platt"  # the calibration map: platt or temperature
+    choice: str = "auto"  # auto: whichever of CANDIDATES cross-validates best; or one of them
+    folds: int = 5  # cross-validation over whole patients
+    recipe: Recipe = Recipe()
+    bootstrap: int = 1000  # patient-level resamples for the intervals
+    seed: int = 0
+
+
+CANDIDATES = ("recalibrate", "fine-tune")
+
+
 @dataclass
 class Result:
-    model: TrainedModel  # the calibrated model, ready to save
+    model: TrainedModel  # the adapted model, ready to save
+    kept: str  # which of CANDIDATES it is
     before: dict  # the sample's metrics with the model as it was
-    after: dict  # ... with the new calibration and threshold (fitted on this very sample: optimistic)
-    after_cross_validated: dict  # ... each patient's images scored by a calibration fitted without them
+    # Each candidate's cross-validated metrics: every patient's images scored by a model adapted on the
+    # other folds only. The honest estimate of what the candidate does on the site's next images.
+    cross_validated: dict[str, dict]
+    after: dict  # the kept model on the sample it was fitted on: optimistic
     warnings: list[str]
-    # The share of the sample the applicability check flags (None: the model has none). Recalibrating
-    # leaves the network, and so what it has seen, as it was: the new model keeps the check unchanged.
+    # The share of the sample the input model's applicability check flags (None: it has none).
     out_of_scope: float | None = None
 
 
-def calibrate(
-    model: TrainedModel, sample: Sample, method: str = "platt", bootstrap: int = 1000, seed: int = 0
-) -> Result:
-    """Refit the model's calibration and threshold on `sample`; the input model is left as it was."""
+def adapt(model: TrainedModel, sample: Sample, options: Options = Options()) -> Result:
+    """Adapt `model` to the site of `sample`, by recalibration or fine-tuning as cross-validation over
+    the sample's patients chooses (or as `options.choice` says); the input model is left as it was."""
     z, scope = model.scored(sample.images, desc="scoring the sample")
-    report = _Report(sample, bootstrap, seed)
+    out_of_scope = None if scope is None else float(np.mean(model.applicability.flags(scope)))
+    report = _Report(sample, options.bootstrap, options.seed)
     before = report.metrics(calibration.probabilities(z, calibration.Calibration()), model.threshold)
-    _require_a_ranking(before)
-    site, threshold = fit_site(z, sample.labels, method)
-    if model.calibration.then(site).scale <= 0:
-        raise PneumoError("the sample's labels run against the model's scores: calibrating would invert the model")
-    after_probs = calibration.probabilities(z, site)
-    calibrated = replace(
-        model,
-        calibration=model.calibration.then(site),
-        threshold=threshold,
-        threshold_method="site: equal odds at the sample's prevalence",
-        operating_points=operating_points(sample.labels, after_probs),
-        provenance={**model.provenance, "site_calibration": _record(model, sample, method)},
-        path=None,
-        model_id="",
-    )
+    candidates = _viable(options.choice, before, out_of_scope)
+    folds = patient_folds(sample, options.folds, options.seed)
+    # Each candidate's logits of every image from a model that never saw its patient (recalibration
+    # leaves the network as it is: its logits are the model's own).
+    raw = {name: _held_out_logits(name, model, z, sample, folds, options) for name in candidates}
+    threshold = equal_odds_threshold(sample.labels)
+    cross_validated = {
+        name: report.metrics(_cross_validated(raw[name], sample.labels, folds, options.method), threshold)
+        for name in candidates
+    }
+    kept = max(candidates, key=lambda name: cross_validated[name]["auc"])  # a tie keeps the first: recalibrate
+    if kept == "recalibrate":
+        adapted = _recalibrated(model, z, sample, options)
+    else:
+        adapted = _fine_tuned(model, raw[kept], sample, folds, options)
+    record = {**_record(model, sample, options), "kept": kept, "cross_validated": _plain(cross_validated)}
+    adapted = replace(adapted, provenance={**model.provenance, "site_adaptation": record}, path=None, model_id="")
     return Result(
-        model=calibrated,
+        model=adapted,
+        kept=kept,
         before=before,
-        after=report.metrics(after_probs, threshold),
-        after_cross_validated=report.metrics(_cross_validated(z, sample, method), threshold),
+        cross_validated=cross_validated,
+        after=report.metrics(_probabilities(adapted, sample), adapted.threshold),
         warnings=_warnings(sample),
-        out_of_scope=None if scope is None else float(np.mean(model.applicability.flags(scope))),
+        out_of_scope=out_of_scope,
     )
 
 
-def _require_a_ranking(before: dict) -> None:
-    """Calibration keeps the model's ranking. A sample that ranks the other way round (its AUC below
-    0.5, the whole patient-level interval too when there is one) has swapped labels, or meets a model
-    of no use at this site: either way no calibration helps, and fitting one would invert the model."""
+def _viable(choice: str, before: dict, out_of_scope: float | None) -> tuple[str, ...]:
+    """The candidates to cross-validate. Recalibration keeps the model's ranking, so it is out when the
+    sample ranks the other way round (its AUC below 0.5, the whole patient-level interval too). If the
+    applicability check says the sample looks like the model's training images, the likelier cause is a
+    sample with swapped labels, and nothing is fitted; at a site unlike them, the model just does not
+    transfer, and fine-tuning may still learn the site."""
     auc, interval = before["auc"], before.get("ci95", {}).get("auc")
-    if (interval[1] if interval else auc) < 0.5:
+    opposite = (interval[1] if interval else auc) < 0.5
+    if opposite and (choice == "recalibrate" or out_of_scope is None or out_of_scope < 0.5):
         raise PneumoError(
             f"the sample ranks opposite to the model (AUC {auc:.3f}): are its NORMAL and PNEUMONIA labels "
             "swapped? If not, this model is of no use here and calibration cannot help (docs/new-site.md)"
         )
+    candidates = CANDIDATES if choice == "auto" else (choice,)
+    return tuple(c for c in candidates if not (opposite and c == "recalibrate"))
+
+
+def patient_folds(sample: Sample, k: int, seed: int) -> np.ndarray:
+    """The cross-validation fold (0..k-1) of each image: whole patients, each fold with about the same
+    share of pneumonia. Too few patients of a class to give every fold one stops here."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    for label in (0, 1):
+        n = len({p for p, y in zip(sample.patients, sample.labels, strict=True) if y == label})
+        if n < k:
+            raise PneumoError(
+                f"the sample holds {n} {CLASSES[label]} patients: cross-validation over {k} folds needs at least "
+                f"{k} patients of each class (fewer folds: --folds)"
+            )
+    folds = np.empty(len(sample.labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(splitter.split(sample.images[:, :1, 0], sample.labels, sample.patients)):
+        folds[held] = f
+    return folds
+
+
+def _held_out_logits(name: str, model: TrainedModel, z: np.ndarray, sample: Sample, folds, options: Options):
+    """Each image's logit from candidate `name` fitted on the other folds; fine-tuned networks come with
+    no calibration of their own."""
+    if name == "recalibrate":
+        return z
+    out = np.empty(len(sample.labels))
+    for f in range(options.folds):
+        log.info("cross-validating fine-tuning: fold %d of %d", f + 1, options.folds)
+        held = folds == f
+        members = fine_tune(model, sample.images[~held], sample.labels[~held], options.recipe, options.seed)
+        tuned = replace(model, members=members, calibration=calibration.Calibration())
+        out[held] = tuned.logits(sample.images[held], desc="scoring the held-out fold")
+    return out
+
+
+def _recalibrated(model: TrainedModel, z: np.ndarray, sample: Sample, options: Options) -> TrainedModel:
+    """The model with its calibration refitted on the sample and the equal-odds threshold. Its network,
+    and so what it has seen, is unchanged: it keeps its applicability check."""
+    site, threshold = fit_site(z, sample.labels, options.method)
+    return replace(
+        model,
+        calibration=model.calibration.then(site),
+        threshold=threshold,
+        threshold_method="site: equal odds at the sample's prevalence",
+        operating_points=operating_points(sample.labels, calibration.probabilities(z, site)),
+    )
+
+
+def _fine_tuned(
+    model: TrainedModel, oof: np.ndarray, sample: Sample, folds: np.ndarray, options: Options
+) -> TrainedModel:
+    """The model fine-tuned on the whole sample. Its calibration is fitted on the cross-validated
+    logits `oof` (the final network's own logits on the sample it learned are overconfident), and its
+    applicability check describes the site's images: they are now what it has seen."""
+    site, threshold = fit_site(oof, sample.labels, options.method)
+    members = fine_tune(model, sample.images, sample.labels, options.recipe, options.seed)
+    tuned = replace(
+        model,
+        members=members,
+        calibration=site,
+        threshold=threshold,
+        threshold_method="site: equal odds at the sample's prevalence",
+        operating_points=operating_points(sample.labels, calibration.probabilities(oof, site)),
+        epoch=0,
+        applicability=None,
+    )
+    tuned.fit_applicability(sample.images[folds != 0], sample.images[folds == 0])
+    return tuned
 
 
 def fit_site(z: np.ndarray, labels: np.ndarray, method: str = "platt") -> tuple[calibration.Calibration, float]:
@@ -147,7 +241,7 @@ def simulate(z: np.ndarray, labels: np.ndarray, patients: list[str], draws: int 
     patients = np.asarray(patients)
     accuracies, sens, spec = [], [], []
     for _ in range(draws):
-        chosen = _draw_patients(rng, labels, patients, per_class)
+        chosen = draw_patients(rng, labels, patients, per_class)
         held = np.isin(patients, patients[chosen])
         site, threshold = fit_site(z[chosen], labels[chosen])
         m = binary_metrics(labels[~held], calibration.probabilities(z[~held], site), threshold)
@@ -166,7 +260,7 @@ def simulate(z: np.ndarray, labels: np.ndarray, patients: list[str], draws: int 
     }
 
 
-def _draw_patients(rng: np.random.Generator, labels: np.ndarray, patients: np.ndarray, per_class: int) -> np.ndarray:
+def draw_patients(rng: np.random.Generator, labels: np.ndarray, patients: np.ndarray, per_class: int) -> np.ndarray:
     """Indices of `per_class` images of each class, taken patient by patient in a random order (a
     patient whose images would overshoot the count is passed over)."""
     chosen: list[int] = []
@@ -189,17 +283,15 @@ def equal_odds_threshold(labels: np.ndarray) -> float:
     return float(np.mean(labels))
 
 
-def _cross_validated(z: np.ndarray, sample: Sample, method: str) -> np.ndarray:
-    """Each patient's probabilities from a calibration and threshold fitted on the other patients only,
+def _cross_validated(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, method: str) -> np.ndarray:
+    """Each fold's probabilities from a calibration and threshold fitted on the other folds only,
     shifted so that the full sample's threshold makes the same decisions as that fold's threshold."""
-    patients = np.array(sample.patients)
-    target = calibration.logit(equal_odds_threshold(sample.labels))
+    target = calibration.logit(equal_odds_threshold(labels))
     out = np.empty(len(z))
-    for p in np.unique(patients):
-        held, rest = patients == p, patients != p
-        site, fold = fit_site(z[rest], sample.labels[rest], method)
-        fold_threshold = calibration.logit(fold)
-        out[held] = site.apply(z[held]) - fold_threshold + target
+    for f in np.unique(folds):
+        held = folds == f
+        site, fold = fit_site(z[~held], labels[~held], method)
+        out[held] = site.apply(z[held]) - calibration.logit(fold) + target
     return calibration.probabilities(out, calibration.Calibration())
 
 
@@ -218,9 +310,16 @@ class _Report:
         return m
 
 
-def _record(model: TrainedModel, sample: Sample, method: str) -> dict:
+def _probabilities(model: TrainedModel, sample: Sample) -> np.ndarray:
+    return calibration.probabilities(model.logits(sample.images, desc="scoring the sample"), calibration.Calibration())
+
+
+def _record(model: TrainedModel, sample: Sample, options: Options) -> dict:
+    """What an adaptation did, on what: kept in the new checkpoint's provenance."""
     return {
-        "method": method,
+        "calibration_method": options.method,
+        "folds": options.folds,
+        "fine_tuning": options.recipe.to_dict(),
         "n": len(sample.labels),
         "n_pneumonia": int(sample.labels.sum()),
         "n_normal": int((sample.labels == 0).sum()),
@@ -229,6 +328,14 @@ def _record(model: TrainedModel, sample: Sample, method: str) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "from_model": model.model_id,
         "from_calibration": model.calibration.to_dict(),
+    }
+
+
+def _plain(figures: dict[str, dict]) -> dict[str, dict]:
+    """The numbers of each candidate's metrics, as plain floats (a checkpoint holds data, not NumPy)."""
+    return {
+        name: {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating))}
+        for name, m in figures.items()
     }
 
 
