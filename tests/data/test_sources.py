@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -154,6 +155,13 @@ def test_broken_dicom_is_a_bad_image(tmp_path):
     pytest.importorskip("pydicom")
     (tmp_path / "x.dcm").write_bytes(b"DICM but not really")
     with pytest.raises(BadImageError, match="x.dcm: unreadable DICOM"):
+        load_image(str(tmp_path / "x.dcm"), 32)
+
+
+def test_without_pydicom_a_dicom_file_is_a_bad_image_not_a_failed_job(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
+    (tmp_path / "x.dcm").write_bytes(b"DICM")
+    with pytest.raises(BadImageError, match="x.dcm: a DICOM file: reading DICOM needs pydicom"):
         load_image(str(tmp_path / "x.dcm"), 32)
 
 

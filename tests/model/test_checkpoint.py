@@ -147,3 +147,19 @@ def test_weights_that_are_no_real_network_are_refused(tmp_path, tiny_config, dam
     save_checkpoint(tmp_path / "m.pt", trained.payload())
     with pytest.raises(CheckpointError, match="negative BatchNorm variance|not real numbers"):
         TrainedModel.load(tmp_path / "m.pt")
+
+
+def test_a_tensor_of_repeated_strides_is_refused_before_it_is_read(tmp_path, tiny_config):
+    """A few stored numbers shown as 1.2 billion by stride 0: refused from its shape and strides, before
+    the checksum or any check walks it (which would take gigabytes)."""
+    cfg = tiny_config()
+    trained = TrainedModel(
+        config=cfg, members=[build_model(cfg.model).state_dict()], threshold=0.4, threshold_method="x"
+    )
+    save_checkpoint(tmp_path / "m.pt", trained.payload())
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    raw["members"][0]["head.3.weight"] = torch.zeros(1).expand(40_000, 30_000)
+    del raw["weights_sha256"]
+    torch.save(raw, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"not a plain array of weights \(head.3.weight: shape \(40000, 30000\)"):
+        read_checkpoint(tmp_path / "m.pt")

@@ -6,7 +6,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pneumo.core.errors import BadImageError, PneumoError
+from pneumo.core.errors import BadImageError
 
 
 def read_dicom(f: BinaryIO, path: str, max_pixels: int) -> np.ndarray:
@@ -19,10 +19,8 @@ def read_dicom(f: BinaryIO, path: str, max_pixels: int) -> np.ndarray:
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:
-        raise PneumoError(
-            f"{path} is a DICOM file: reading DICOM needs pydicom (pip install 'pneumo[dicom]')"
-        ) from None
+    except ImportError:  # this file's row says so; the job's other files are scored
+        raise BadImageError(path, "a DICOM file: reading DICOM needs pydicom (pip install 'pneumo[dicom]')") from None
     try:
         header = pydicom.dcmread(f, stop_before_pixels=True)
         pixels = int(header.get("Rows", 0)) * int(header.get("Columns", 0)) * int(header.get("NumberOfFrames", 1) or 1)

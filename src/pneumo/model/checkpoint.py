@@ -30,6 +30,7 @@ from pneumo.model.inference import described, logits, scored
 from pneumo.model.network import Classifier, build_model
 
 FORMAT = "pneumo-checkpoint/2"
+MAX_WEIGHTS = 100_000_000  # elements in one tensor: far above any network a config can describe
 READABLE_FORMATS = ("pneumo-checkpoint/1", FORMAT)
 # The model shipped with pneumo (models/ in the repository, installed as the package pneumo.weights).
 BUNDLED_MODEL = "kermany.pt"
@@ -225,6 +226,14 @@ def _check_weights(raw: dict, path: Path) -> None:
     for state in members:
         if not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise CheckpointError(f"{path} holds model weights that are not tensors")
+        # Before anything reads them: a tensor whose strides repeat its few stored numbers (stride 0)
+        # would be gigabytes once the checksum or a check below walks it.
+        for name, t in state.items():
+            if not t.is_contiguous() or t.numel() > MAX_WEIGHTS:
+                raise CheckpointError(
+                    f"{path} holds a tensor that is not a plain array of weights ({name}: shape "
+                    f"{tuple(t.shape)[:8]}, strides {t.stride()[:8]})"
+                )
     expected = raw.get("weights_sha256")
     if expected is not None and expected != weights_digest(members):
         raise CheckpointError(f"{path} is damaged: its weights do not match the checksum they were saved with")
