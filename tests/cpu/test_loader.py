@@ -1,8 +1,12 @@
 """Loading the kernels and setting their threads (pneumo.cpu.loader)."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import numba
+import pytest
 import torch
 
 from pneumo.cpu import loader
@@ -31,3 +35,43 @@ def test_rows_handed_out_a_few_at_a_time_give_the_same_bits(monkeypatch):
     fixed = run_everything(network, x)
     assert numba.get_parallel_chunksize() == 0
     assert all(torch.equal(a, b) for a, b in zip(shared, fixed, strict=True))
+
+
+def test_other_work_is_the_machines_busy_time_less_this_processs():
+    ticks = loader.TICKS
+    samples = iter([(0.0, 0, 0), (1.0, 3 * ticks, ticks), (1.1, 3 * ticks, ticks), (2.0, 4 * ticks, 2 * ticks)])
+    gauge = loader.OtherWork(every=0.0, read=lambda: next(samples))
+    assert gauge.cores() == pytest.approx(2.0)  # 3 cores busy in a second, 1 of them this process
+    assert gauge.cores() == pytest.approx(0.0)  # a tenth of a second with no tick: nobody else
+    assert gauge.cores() == pytest.approx(0.0)
+    assert loader.OtherWork(read=lambda: None).cores() == 0.0  # no /proc: no other work known
+
+
+def test_under_load_the_kernels_take_one_thread_and_give_the_same_bits(monkeypatch):
+    torch.manual_seed(0)
+    network = SmallCNN([8, 16, 32], stem_stride=2, dropout=0.0).to(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 64, 64)
+    torch.set_num_threads(2)
+    monkeypatch.setattr(loader.OTHERS, "cores", lambda: 0.0)
+    idle = run_everything(network, x)
+    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    monkeypatch.setattr(loader.OTHERS, "cores", lambda: 1.5)
+    busy = run_everything(network, x)
+    assert numba.get_num_threads() == 1
+    assert all(torch.equal(a, b) for a, b in zip(idle, busy, strict=True))
+
+
+@pytest.mark.parametrize("setting", ["NUMBA_NUM_THREADS=0", "NUMBA_THREADING_LAYER=tbb"])
+def test_kernels_stand_aside_in_one_line_where_numba_cannot_start(setting):
+    """No threads allowed, or a threading layer that is not installed: torch's operators run instead."""
+    name, value = setting.split("=")
+    code = (
+        "import torch; from pneumo.cpu import dispatch; dispatch.warm_up(); "
+        "from pneumo.model.network import SmallCNN; print(SmallCNN([4, 8])(torch.rand(1, 1, 32, 32)).shape)"
+    )
+    env = {**os.environ, name: value}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "tbb" in value and "No threading layer" not in result.stderr and result.returncode == 0:
+        pytest.skip("TBB is installed here")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "numba cannot start here" in result.stderr and "torch.Size([1])" in result.stdout

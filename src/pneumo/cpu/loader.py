@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import time
 from types import ModuleType
 
 import numpy as np
@@ -28,7 +30,11 @@ def load(module: str, purpose: str) -> ModuleType | None:
         except ImportError:
             from numba.np.ufunc import tbbpool  # noqa: F401
         kernels = importlib.import_module(module)
+        numba.get_num_threads()  # starts numba's threads: a threading layer that cannot load fails here
     except ImportError:
+        return None
+    except (ValueError, RuntimeError, OSError) as e:  # NUMBA_NUM_THREADS=0, a threading layer not installed
+        log.warning("numba cannot start here (%s): torch's operators run instead", str(e).splitlines()[0])
         return None
     if numba.config.THREADING_LAYER == "workqueue":
         return None
@@ -44,11 +50,60 @@ CHUNK_ROWS = 2
 
 def set_threads() -> None:
     """numba's threads follow torch's setting (set_num_threads, OMP_NUM_THREADS), and share each loop
-    out `CHUNK_ROWS` rows at a time (every row writes only its own outputs: the same results)."""
+    out `CHUNK_ROWS` rows at a time (every row writes only its own outputs: the same results). While
+    other processes take a share of the cores, the kernels run on one thread: a parallel region then
+    waits at its barrier for whichever of its threads the system paused, and one thread ran faster."""
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads > 1 and OTHERS.cores() >= BUSY_CORES:
+        threads = 1
+    numba.set_num_threads(threads)
     numba.set_parallel_chunksize(CHUNK_ROWS)
+
+
+BUSY_CORES = 0.5  # other processes' use of the machine, in cores, above which the kernels take one thread
+
+
+class OtherWork:
+    """How many cores other processes keep busy: the machine's busy time (/proc/stat, steal included:
+    a virtual machine's host running others) less this process's own (/proc/self/stat), over the last
+    `every` seconds or more. Where /proc is missing (not Linux), none."""
+
+    def __init__(self, every: float = 0.25, read=None):
+        self.every, self.read = every, read or _busy_ticks
+        self.last, self.value = self.read(), 0.0
+
+    def cores(self) -> float:
+        # Cheap enough for every kernel call: the clock alone until `every` seconds have passed.
+        if self.last is None or time.monotonic() - self.last[0] < self.every:
+            return self.value
+        now = self.read()
+        if now is not None:
+            machine, own = now[1] - self.last[1], now[2] - self.last[2]
+            self.value = max(0.0, (machine - own) / TICKS / (now[0] - self.last[0]))
+            self.last = now
+        return self.value
+
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_ticks() -> tuple[float, int, int] | None:
+    """(now, the machine's busy clock ticks, this process's), or None without /proc."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            cpu = f.readline().split()[1:]
+        with open("/proc/self/stat", "rb") as f:
+            own = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    busy = sum(int(v) for i, v in enumerate(cpu[:8]) if i not in (3, 4))
+    return time.monotonic(), busy, int(own[11]) + int(own[12])  # utime, stime
+
+
+OTHERS = OtherWork()
 
 
 def eager_cpu_float32(x: torch.Tensor) -> bool:
