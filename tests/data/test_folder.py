@@ -15,6 +15,7 @@ from pneumo.data.synthetic import write_folder
         ("IM-0117-0001.jpeg", "IM-0117"),
         ("NORMAL2-IM-0117-0002.jpeg", "IM-0117"),
         ("/some/dir/IM-0005-0001.png", "IM-0005"),
+        ("00001299_003.png", "00001299"),
         ("scan_42.png", "scan_42"),
     ],
 )

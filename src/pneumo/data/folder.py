@@ -15,7 +15,12 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".di
 # person1234_bacteria_5678.jpeg -> person1234. IM-0117-0001 and NORMAL2-IM-0117-0001 map to the same
 # id on purpose: if the two numbering schemes ever name one patient, merging them costs nothing but a
 # slightly coarser split, while keeping them apart could leak that patient across the split.
-_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^(?:NORMAL2-)?(IM-\d+)-"))
+# ChestX-ray14's 00001299_003.png -> 00001299 (follow-up 3 of patient 1299).
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),
+    re.compile(r"^(?:NORMAL2-)?(IM-\d+)-"),
+    re.compile(r"^(\d{8})_\d{3}\.\w+$"),
+)
 
 
 def patient_id(path: str | Path) -> str:
