@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT, history, tiny_raw
+from pneumo.core import distributed
 from pneumo.core.config import from_dict
+from pneumo.core.errors import PneumoError
 from pneumo.train.run import train
 
 # BatchNorm statistics are per process on CPUs (torch's SyncBatchNorm is GPU-only), so the two runs
@@ -110,3 +113,19 @@ def test_every_collective_is_handed_tensors_on_the_processs_own_device(monkeypat
         ctx.agree(True)
     with pytest.raises(HandedOver):
         ctx.sum(torch.zeros(2))  # a total built on the host, as a careless caller would
+
+
+@pytest.mark.parametrize(
+    "env, phrase",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two is not a number of processes"),
+    ],
+)
+def test_a_leftover_world_size_is_one_sentence(monkeypatch, env, phrase):
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PneumoError, match=phrase), distributed.session("cpu"):
+        pass

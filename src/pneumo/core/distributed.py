@@ -70,8 +70,11 @@ def session(device_setting: str):
     _teardown(ctx, finished=True)
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _setup(device_setting: str) -> tuple[Context, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     if world == 1:
         return Context(), resolve_device(device_setting)
     use_cuda = device_setting != "cpu" and torch.cuda.is_available()
@@ -87,6 +90,20 @@ def _setup(device_setting: str) -> tuple[Context, torch.device]:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, device), device
+
+
+def _world_size() -> int:
+    """WORLD_SIZE as torchrun sets it, with the variables that come with it: a WORLD_SIZE left in the
+    environment of a plain run (a shell, a cron job's wrapper) is one sentence, not a rendezvous error."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise PneumoError(f"WORLD_SIZE={text[:20]} is not a number of processes: unset it, or start under torchrun")
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if int(text) > 1 and missing:
+        raise PneumoError(
+            f"WORLD_SIZE={text} is set but {', '.join(missing)} not: start under torchrun, or unset WORLD_SIZE"
+        )
+    return int(text)
 
 
 def _teardown(ctx: Context, finished: bool) -> None:
