@@ -1,5 +1,7 @@
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +177,18 @@ def test_colour_jpegs_decode_straight_to_luma_like_a_grey_conversion(tmp_path, m
             m.setattr("pneumo.data.images._draft", lambda im, size, to=reduced_to: im.draft(None, to))
             grey = load_image(path, 224).astype(float)
         assert np.abs(ours - grey).mean() < 0.5 and np.abs(ours - grey).max() <= 2, side
+
+
+def test_a_large_16_bit_image_is_decoded_in_bounded_memory(tmp_path):
+    """A 36-megapixel 16-bit PNG of zeros (a few hundred bytes on disk): about 3 bytes per pixel while it
+    becomes 8-bit, where whole-image float64 steps took over 30."""
+    path = tmp_path / "big16.png"
+    Image.fromarray(np.zeros((6000, 6000), np.uint16)).save(path)
+    code = (
+        "import resource, sys; from pneumo.data.images import load_image; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"assert load_image({str(path)!r}, 224).shape == (224, 224); "
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
+    grown_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grown_mb < 36 * 6  # MB: at most 6 bytes per pixel

@@ -97,10 +97,10 @@ def _draft(im: Image.Image, size: int) -> None:
 def to_grayscale(im: Image.Image) -> Image.Image:
     """Mode "L", whatever the source mode: bit depth kept in proportion, transparency on black."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im).astype(np.float64)
+        a = np.asarray(im)
         # Medical PNGs often hold 12 or 14 significant bits in 16: scale by the depth actually used.
         top = next((t for t in (255, 4095, 16383, 65535) if a.max() <= t), a.max())
-        return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+        return Image.fromarray(_rows_to_uint8(a, lambda rows: np.clip(rows / top * 255 + 0.5, 0, 255)))
     if im.mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
         span = a.max() - a.min()
@@ -113,6 +113,19 @@ def to_grayscale(im: Image.Image) -> Image.Image:
     if im.mode == "CMYK":
         return im.convert("RGB").convert("L")
     return im.convert("L")
+
+
+ROWS_AT_A_TIME = 256
+
+
+def _rows_to_uint8(a: np.ndarray, scale) -> np.ndarray:
+    """uint8 of `scale(rows)` (float64 arithmetic), a block of rows at a time: a 10000 x 10000 16-bit
+    image then needs its own 2 bytes and 1 more per pixel, not the 34 of whole-image float64 steps
+    (times one image per decoding thread)."""
+    out = np.empty(a.shape, np.uint8)
+    for r in range(0, len(a), ROWS_AT_A_TIME):
+        out[r : r + ROWS_AT_A_TIME] = scale(a[r : r + ROWS_AT_A_TIME].astype(np.float64))
+    return out
 
 
 def _is_empty(path: str) -> bool:
