@@ -433,8 +433,11 @@ class ReaderMayLeave:
             self._quiet()
 
     def _quiet(self) -> None:
-        # Writes from now on go to /dev/null, the interpreter's last flush at exit included.
-        self._stream = open(os.devnull, "w")
+        # The stream's descriptor now points at /dev/null, so later writes, and the interpreter's last
+        # flush of the restored sys.stdout at exit, succeed there (as Python's notes on SIGPIPE advise).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
