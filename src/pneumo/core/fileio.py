@@ -82,11 +82,16 @@ def _identity(path: str | Path) -> tuple:
     try:
         st = os.stat(path)
     except OSError:  # not there (yet), or behind a link loop
-        try:
-            return (str(Path(path).resolve()),)
-        except (OSError, RuntimeError):
-            return (os.path.abspath(path),)
+        return (resolved_name(path),)
     return (st.st_dev, st.st_ino)
+
+
+def resolved_name(path: str | Path) -> str:
+    """`path` absolute with its links followed; behind a link loop, absolute as it is."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return os.path.abspath(path)
 
 
 MAX_TEXT_BYTES = 1 << 30  # a manifest or list larger than this is not what its name says

@@ -28,7 +28,7 @@ from pneumo import __version__
 from pneumo.core.config import DataConfig, config_hash
 from pneumo.core.device import prepare, resolve_device
 from pneumo.core.errors import CheckpointError, PneumoError
-from pneumo.core.fileio import FileLock, file_sha256, read_regular
+from pneumo.core.fileio import FileLock, file_sha256, read_regular, resolved_name
 from pneumo.core.labels import NORMAL, PNEUMONIA
 from pneumo.core.logs import log
 from pneumo.core.progress import progress
@@ -285,24 +285,15 @@ def find_images(inputs: list[str]) -> dict[str, str]:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."):
-                    found.setdefault(_key(f), f.relative_to(p).as_posix())
+                    found.setdefault(resolved_name(f), f.relative_to(p).as_posix())
         elif p.suffix.lower() == ".csv" and p.is_file():
             for name in _csv_list(p):
-                found.setdefault(_key(p.parent / name), name)
+                found.setdefault(resolved_name(p.parent / name), name)
         elif os.path.lexists(p):
-            found.setdefault(_key(p), item)
+            found.setdefault(resolved_name(p), item)
         else:
             raise PneumoError(f"input {item} does not exist")
     return dict(sorted(found.items()))
-
-
-def _key(path: Path) -> str:
-    """A file's name in the output: its resolved path, or, behind a link loop, its absolute path (its
-    row then says that it cannot be read)."""
-    try:
-        return str(path.resolve())
-    except (OSError, RuntimeError):
-        return os.path.abspath(path)
 
 
 def _csv_list(path: Path) -> list[str]:
