@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from pneumo.core.config import ModelConfig
 from pneumo.cpu import kernels
-from pneumo.model.network import MaxPool2x2, SmallCNN, build_model
+from pneumo.model.network import Classifier, MaxPool2x2, SmallCNN, build_model, equalize, normalize
 
 
 def test_one_logit_per_image_at_any_size():
@@ -36,9 +37,45 @@ def test_learns_a_trivial_task():
     assert loss.item() < 0.1
 
 
-def test_classifier_averages_members_mirror_and_applies_the_calibration():
-    from pneumo.model.network import Classifier
+def test_equalize_gives_each_pixel_its_mid_rank_among_the_grey_levels():
+    x = torch.tensor([0, 0, 255, 255, 255, 255, 128, 64], dtype=torch.float32).view(1, 1, 2, 4) / 255
+    # Levels 0 (2 pixels), 64 (1), 128 (1), 255 (4): darker pixels plus half of the level's own, of 8.
+    expected = torch.tensor([1, 1, 6, 6, 6, 6, 3.5, 2.5]).view(1, 1, 2, 4) / 8
+    assert torch.allclose(equalize(x), expected)
+    assert torch.equal(equalize(torch.full((2, 1, 4, 4), 0.3)), torch.full((2, 1, 4, 4), 0.5))  # blank: grey
 
+
+def test_equalize_removes_any_monotone_change_of_the_grey_levels():
+    levels = torch.randint(0, 128, (3, 1, 16, 16), generator=torch.Generator().manual_seed(0)).float()
+    x = levels / 255
+    brighter_and_harder = (levels * 2 + 1) / 255  # another exposure: each level to another, order kept
+    assert torch.allclose(equalize(brighter_and_harder), equalize(x))
+    assert not torch.allclose(normalize(brighter_and_harder), normalize(x))
+
+
+def test_standardize_removes_brightness_and_contrast():
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = normalize(x, "standardize")
+    # The network sees mean 0 and standard deviation 1 (up to the small floor that keeps blank images finite).
+    assert torch.allclose(out.mean((-2, -1)), torch.zeros(2, 1), atol=1e-5)
+    assert torch.allclose(out.std((-2, -1)), torch.ones(2, 1), atol=1e-2)
+    assert torch.allclose(normalize(0.4 * x + 0.3, "standardize"), out, atol=1e-2)
+    assert torch.equal(normalize(torch.zeros(1, 1, 8, 8), "standardize"), torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("per_image", ["standardize", "equalize"])
+def test_the_per_image_step_is_the_models_own(per_image):
+    """build_model, the network and the classifier all apply the configured step, before anything else."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels=[4, 8], per_image=per_image)).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.logit(normalize(x, per_image)))
+        assert torch.equal(Classifier([model])(x), model(x))
+        assert torch.equal(Classifier([model.folded()])(x), model.folded()(x))
+
+
+def test_classifier_averages_members_mirror_and_applies_the_calibration():
     torch.manual_seed(0)
     a, b = SmallCNN([4, 8], stem_stride=1).eval(), SmallCNN([4, 8], stem_stride=1).eval()
     x = torch.rand(3, 1, 32, 32)

@@ -70,13 +70,14 @@ def test_numpy_nn_never_imports_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def test_numpy_runs_ensembles_with_mirror_averaging_and_calibration(tmp_path, tiny_config):
+@pytest.mark.parametrize("per_image", ["none", "standardize", "equalize"])
+def test_numpy_runs_ensembles_with_mirror_averaging_and_calibration(tmp_path, tiny_config, per_image):
     from dataclasses import replace
 
     from pneumo.model.calibration import Calibration
     from pneumo.model.network import build_model
 
-    cfg = tiny_config(model={"tta": True})
+    cfg = tiny_config(model={"tta": True, "per_image": per_image})
     torch.manual_seed(0)
     members = [build_model(cfg.model).state_dict() for _ in range(2)]
     model = TrainedModel(config=cfg, members=members, threshold=0.5, threshold_method="fixed")

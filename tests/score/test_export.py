@@ -89,12 +89,14 @@ def test_export_failures_leave_nothing(tmp_path, checkpoint, monkeypatch, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
 
 
-def test_an_ensemble_with_mirror_averaging_exports_whole(tmp_path, tiny_config):
+@pytest.mark.parametrize("per_image", ["none", "equalize"])
+def test_an_ensemble_with_mirror_averaging_exports_whole(tmp_path, tiny_config, per_image):
+    """The whole model, its per-image step included, in the exported graph."""
     from pneumo.model.calibration import Calibration
     from pneumo.model.checkpoint import save_checkpoint
     from pneumo.model.network import build_model
 
-    cfg = tiny_config(model={"tta": True})
+    cfg = tiny_config(model={"tta": True, "per_image": per_image})
     torch.manual_seed(0)
     members = [build_model(cfg.model).state_dict() for _ in range(3)]
     trained = TrainedModel(cfg, members, 0.5, "fixed", calibration=Calibration("platt", 0.8, 0.2))

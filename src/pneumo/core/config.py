@@ -87,6 +87,8 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=_range(1, 1024))
     stem_stride: int = field(default=2, metadata=_range(1, 4))
     dropout: float = field(default=0.1, metadata=_range(0, 0.9))
+    # A step before the network that removes each image's own exposure (model.network.normalize).
+    per_image: Literal["none", "standardize", "equalize"] = "none"
     # Test-time augmentation: the mean logit of each image and its mirror image.
     tta: bool = False
 

@@ -11,12 +11,33 @@ from torch import nn
 from pneumo.core.config import ModelConfig
 from pneumo.cpu.dispatch import block as cpu_block
 
-# Fixed input normalization, part of the model so that every backend (torch, NumPy, exports) agrees.
+# Input normalization is part of the model, so that every backend (torch, NumPy, exports) agrees.
 INPUT_MEAN, INPUT_STD = 0.5, 0.25
+LEVELS = 256  # the grey levels of an 8-bit image, which is what every decoded X-ray becomes
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
+def normalize(x: torch.Tensor, per_image: str = "none") -> torch.Tensor:
+    """x (N, 1, H, W) in [0, 1] to the network's input. `per_image` first removes each image's own
+    exposure, which differs between sites: "standardize" maps it to mean 0.5 and standard deviation
+    0.25; "equalize" replaces each grey level by its rank among the image's pixels (histogram
+    equalization), so that any monotone change of the grey levels leaves the input as it was."""
+    if per_image == "standardize":
+        mean, std = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
+        x = (x - mean) / (std / INPUT_STD + 1e-3) + INPUT_MEAN  # a blank image stays blank
+    elif per_image == "equalize":
+        x = equalize(x)
     return (x - INPUT_MEAN) / INPUT_STD
+
+
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel's mid-rank among its image's 256 grey levels: the share of the image's pixels darker
+    than it plus half of those as dark. A uniform image becomes 0.5, and the result is in [0, 1].
+    Written with scatter-add, cumsum and gather, which traced and exported graphs keep."""
+    levels = (x.flatten(1) * (LEVELS - 1)).round().clamp(0, LEVELS - 1).long()
+    ones = torch.ones_like(levels, dtype=x.dtype)
+    counts = x.new_zeros(x.shape[0], LEVELS).scatter_add(1, levels, ones)  # shape[0]: traced, unlike len
+    mid_rank = (counts.cumsum(1) - counts / 2) / levels.shape[1]
+    return mid_rank.gather(1, levels).view_as(x)
 
 
 class SmallCNN(nn.Module):
@@ -25,8 +46,9 @@ class SmallCNN(nn.Module):
     The first convolution may stride (`stem_stride`) so that 224x224 inputs stay affordable on a CPU.
     """
 
-    def __init__(self, channels: list[int], stem_stride: int = 2, dropout: float = 0.1):
+    def __init__(self, channels: list[int], stem_stride: int = 2, dropout: float = 0.1, per_image: str = "none"):
         super().__init__()
+        self.per_image = per_image
         blocks, c_in = [], 1
         for i, c_out in enumerate(channels):
             stride = stem_stride if i == 0 else 1
@@ -41,7 +63,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit(normalize(x))
+        return self.logit(normalize(x, self.per_image))
 
     def logit(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The logit for an input already normalized (an ensemble normalizes once for all its members);
@@ -130,6 +152,7 @@ class Classifier(nn.Module):
     def __init__(self, members: list[SmallCNN], tta: bool = False, scale: float = 1.0, bias: float = 0.0):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.per_image = members[0].per_image  # one model config, so one input normalization for all
         self.tta = tta
         self.scale, self.bias = float(scale), float(bias)
 
@@ -145,7 +168,7 @@ class Classifier(nn.Module):
         return Classifier([m.folded() for m in self.members], self.tta, self.scale, self.bias).eval()
 
     def _mean_logit(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = normalize(x)
+        x = normalize(x, self.per_image)
         logit = self.members[0].logit(x, features)
         for member in self.members[1:]:
             logit = logit + member.logit(x, features)
@@ -153,4 +176,4 @@ class Classifier(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> SmallCNN:
-    return SmallCNN(cfg.channels, cfg.stem_stride, cfg.dropout)
+    return SmallCNN(cfg.channels, cfg.stem_stride, cfg.dropout, cfg.per_image)

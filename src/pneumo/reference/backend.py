@@ -41,7 +41,9 @@ def numpy_classifier(model: TrainedModel, dtype=np.float64) -> NumpyClassifier:
     m = model.config.model
     members = []
     for state in model.members:
-        member = numpy_nn.SmallCNN(m.channels, m.stem_stride, m.dropout, INPUT_MEAN, INPUT_STD, dtype=dtype)
+        member = numpy_nn.SmallCNN(
+            m.channels, m.stem_stride, m.dropout, INPUT_MEAN, INPUT_STD, m.per_image, dtype=dtype
+        )
         member.load_state_dict(numpy_state(state))
         members.append(member.eval())
     cal = model.calibration

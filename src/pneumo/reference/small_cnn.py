@@ -23,10 +23,18 @@ class SmallCNN(Container):
     average pooling, flatten, dropout, linear to one logit. Input (N, 1, H, W) in [0, 1]."""
 
     def __init__(
-        self, channels, stem_stride=2, dropout=0.0, input_mean=0.5, input_std=0.25, dtype=np.float64, rng=None
+        self,
+        channels,
+        stem_stride=2,
+        dropout=0.0,
+        input_mean=0.5,
+        input_std=0.25,
+        per_image="none",
+        dtype=np.float64,
+        rng=None,
     ):
         rng = rng or np.random.default_rng()
-        self.input_mean, self.input_std = input_mean, input_std
+        self.input_mean, self.input_std, self.per_image = input_mean, input_std, per_image
         blocks, c_in = [], 1
         for i, c_out in enumerate(channels):
             blocks += [
@@ -47,9 +55,25 @@ class SmallCNN(Container):
         return [("features", self.features), ("head", self.head)]
 
     def forward(self, x):
+        if self.per_image == "standardize":
+            mean, std = x.mean((-2, -1), keepdims=True), x.std((-2, -1), ddof=1, keepdims=True)
+            x = (x - mean) / (std / self.input_std + 1e-3) + self.input_mean
+        elif self.per_image == "equalize":
+            x = equalize(x)
         x = (x - self.input_mean) / self.input_std
         return self.head.forward(self.features.forward(x))[:, 0]
 
     def backward(self, dlogits):
+        """The gradient with respect to the image after its per-image step (which is data preparation,
+        not a layer: equalization has no useful gradient), that is, the input itself by default."""
         dx = self.features.backward(self.head.backward(dlogits[:, None]))
         return dx / self.input_std
+
+
+def equalize(x, levels=256):
+    """Histogram equalization to mid-ranks, as pneumo.model.network.equalize: each pixel becomes the
+    share of its image's pixels darker than it plus half of those at its grey level."""
+    flat = np.clip(np.rint(x.reshape(len(x), -1) * (levels - 1)), 0, levels - 1).astype(np.int64)
+    counts = np.stack([np.bincount(row, minlength=levels) for row in flat]).astype(x.dtype)
+    mid_rank = (counts.cumsum(1) - counts / 2) / flat.shape[1]
+    return np.take_along_axis(mid_rank, flat, 1).reshape(x.shape)
