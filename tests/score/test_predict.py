@@ -206,6 +206,25 @@ def test_a_symlink_loop_in_an_input_list_is_a_row(tmp_path, checkpoint):
     assert row["path"].endswith("loop.png") and "symbolic links" in row["error"]
 
 
+def test_what_a_folder_holds_that_cannot_be_read_gets_rows_and_the_rest_is_scored(tmp_path, checkpoint):
+    """A subfolder deeper than the system's path limit, a FIFO and a link loop named like images: each
+    its own row saying why, never a stopped job or files silently left out."""
+    make_images(tmp_path / "imgs", 2)
+    deep = os.open(tmp_path / "imgs", os.O_RDONLY)
+    for _ in range(os.pathconf(tmp_path, "PC_PATH_MAX") // 200 + 1):  # mkdir relative to a descriptor
+        os.mkdir("d" * 200, dir_fd=deep)
+        deep, parent = os.open("d" * 200, os.O_RDONLY, dir_fd=deep), deep
+        os.close(parent)
+    os.close(deep)
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")
+    os.symlink("loop.jpeg", tmp_path / "imgs" / "loop.jpeg")
+    out = tmp_path / "scores.csv"
+    assert predict_main(["--checkpoint", str(checkpoint), "--out", str(out), str(tmp_path / "imgs")]) == 4
+    errors = {Path(r["path"]).name[:8]: r["error"] for r in read(out)}
+    assert errors["img0000."] == errors["img0001."] == "" and errors["dddddddd"] == "File name too long"
+    assert "not a regular file" in errors["pipe.png"] and "symbolic links" in errors["loop.jpe"]
+
+
 def test_a_symlink_to_the_output_meets_the_same_lock(tmp_path, checkpoint):
     make_images(tmp_path / "imgs", 2)
     out = tmp_path / "scores.csv"

@@ -278,14 +278,14 @@ def find_images(inputs: list[str]) -> dict[str, str]:
     key: the path inside the folder), image files (key: as given) and CSV lists whose `path` column (else
     first column) names files relative to the CSV (key: as written). The keys do not depend on where
     the data is mounted, so a shard holds the same files on every machine. Named files are kept
-    whatever they are, so that one that cannot be read gets a row saying why."""
+    whatever they are, so that one that cannot be read gets a row saying why; so do a folder's image
+    files, and each subfolder that cannot be searched (its row says why; the next run tries it again)."""
     found: dict[str, str] = {}
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."):
-                    found.setdefault(resolved_name(f), f.relative_to(p).as_posix())
+            for f in _folder_entries(p):
+                found.setdefault(resolved_name(f), f.relative_to(p).as_posix())
         elif p.suffix.lower() == ".csv" and p.is_file():
             for name in _csv_list(p):
                 found.setdefault(resolved_name(p.parent / name), name)
@@ -294,6 +294,17 @@ def find_images(inputs: list[str]) -> dict[str, str]:
         else:
             raise PneumoError(f"input {item} does not exist")
     return dict(sorted(found.items()))
+
+
+def _folder_entries(folder: Path) -> list[Path]:
+    """The image files under `folder` (not hidden, links to folders not followed), and the subfolders
+    that cannot be listed (unreadable, or a path longer than the system allows): silently skipping them
+    would leave their X-rays unscored with nothing to say so."""
+    entries: list[Path] = []
+    unlisted = lambda e: entries.append(Path(e.filename))
+    for parent, _, names in os.walk(folder, onerror=unlisted):
+        entries += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and n[0] != "."]
+    return sorted(entries)
 
 
 def _csv_list(path: Path) -> list[str]:
