@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -97,16 +98,17 @@ def _draft(im: Image.Image, size: int) -> None:
 def to_grayscale(im: Image.Image) -> Image.Image:
     """Mode "L", whatever the source mode: bit depth kept in proportion, transparency on black."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im)
         # Medical PNGs often hold 12 or 14 significant bits in 16: scale by the depth actually used.
-        top = next((t for t in (255, 4095, 16383, 65535) if a.max() <= t), a.max())
-        return Image.fromarray(_rows_to_uint8(a, lambda rows: np.clip(rows / top * 255 + 0.5, 0, 255)))
+        most = max(rows.max() for rows in _float64_rows(im))
+        top = next((t for t in (255, 4095, 16383, 65535) if most <= t), most)
+        return _rows_to_uint8(im, lambda rows: np.clip(rows / top * 255 + 0.5, 0, 255))
     if im.mode == "F":
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        span = a.max() - a.min()
-        return Image.fromarray(
-            ((a - a.min()) / span * 255 + 0.5).astype(np.uint8) if span > 0 else np.zeros(a.shape, np.uint8)
-        )
+        # Floating-point images carry no depth: their own range becomes 0 to 255 (NaN as 0).
+        lo = min(np.nan_to_num(rows).min() for rows in _float64_rows(im))
+        span = max(np.nan_to_num(rows).max() for rows in _float64_rows(im)) - lo
+        if not span > 0:
+            return Image.new("L", im.size)
+        return _rows_to_uint8(im, lambda rows: (np.nan_to_num(rows) - lo) / span * 255 + 0.5)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
@@ -118,14 +120,20 @@ def to_grayscale(im: Image.Image) -> Image.Image:
 ROWS_AT_A_TIME = 256
 
 
-def _rows_to_uint8(a: np.ndarray, scale) -> np.ndarray:
-    """uint8 of `scale(rows)` (float64 arithmetic), a block of rows at a time: a 10000 x 10000 16-bit
-    image then needs its own 2 bytes and 1 more per pixel, not the 34 of whole-image float64 steps
-    (times one image per decoding thread)."""
-    out = np.empty(a.shape, np.uint8)
-    for r in range(0, len(a), ROWS_AT_A_TIME):
-        out[r : r + ROWS_AT_A_TIME] = scale(a[r : r + ROWS_AT_A_TIME].astype(np.float64))
-    return out
+def _rows_to_uint8(im: Image.Image, scale) -> Image.Image:
+    """Mode "L" of `scale(rows)` (float64 arithmetic), a block of rows at a time: a 10000 x 10000 16-bit
+    or float image then needs 1 byte per pixel beside Pillow's own, not the 30 or more of whole-image
+    float64 steps (times one image per decoding thread)."""
+    out = np.empty((im.height, im.width), np.uint8)
+    for r, rows in enumerate(_float64_rows(im)):
+        out[r * ROWS_AT_A_TIME : (r + 1) * ROWS_AT_A_TIME] = scale(rows)
+    return Image.fromarray(out)
+
+
+def _float64_rows(im: Image.Image) -> Iterator[np.ndarray]:
+    """The image's pixels as float64, a block of rows at a time, copied out of Pillow block by block."""
+    for r in range(0, max(im.height, 1), ROWS_AT_A_TIME):
+        yield np.asarray(im.crop((0, r, im.width, min(r + ROWS_AT_A_TIME, im.height))), dtype=np.float64)
 
 
 def _is_empty(path: str) -> bool:
