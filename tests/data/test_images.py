@@ -1,7 +1,7 @@
 import io
 import os
-import subprocess
-import sys
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -206,3 +206,28 @@ def test_a_large_16_bit_or_float_image_becomes_8_bit_in_bounded_memory(mode):
     finally:
         tracemalloc.stop()
     assert peak < 2.5 * 36e6
+
+
+def test_threads_decode_at_most_a_budget_of_pixels_at_once(tmp_path, monkeypatch):
+    """Four threads, images of 10,000 pixels, a budget of 25,000: never more than two at once; an image
+    larger than the whole budget still decodes, alone."""
+    from pneumo.data import images
+
+    class Watched(images.PixelBudget):
+        seen: list[int] = []
+
+        @contextmanager
+        def share(self, pixels):
+            with super().share(pixels):
+                Watched.seen.append(self.used)
+                time.sleep(0.01)  # long enough for the other threads to ask for their share
+                yield
+
+    monkeypatch.setattr(images, "DECODING", Watched(25_000))
+    paths = [save(tmp_path / f"{i}.png", Image.new("L", (100, 100), i)) for i in range(12)]
+    paths.append(save(tmp_path / "large.png", Image.new("L", (300, 300), 99)))
+    out, bad = decode_all([str(p) for p in paths], 32, 100_000_000, skip_bad=False, workers=4)
+    assert not bad and out[:12, 0, 0].tolist() == list(range(12)) and out[12, 0, 0] == 99
+    assert 90_000 in Watched.seen  # the large image, alone
+    assert max(n for n in Watched.seen if n != 90_000) == 20_000  # the others two at a time, not four
+    assert images.DECODING.used == 0

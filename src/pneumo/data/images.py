@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -58,6 +60,32 @@ def open_regular(path: str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+class PixelBudget:
+    """The pixels of the images being decoded at once, by all threads, held under `limit`: decoding an
+    image takes a few bytes per pixel (Pillow's buffer, then an 8-bit copy), so that without a budget
+    memory would have to fit the largest allowed image once per core. Ordinary X-rays fit many times
+    over; an image larger than the budget waits until it can decode alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.turns = threading.Condition()
+
+    @contextmanager
+    def share(self, pixels: int) -> Iterator[None]:
+        with self.turns:
+            self.turns.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.turns:
+                self.used -= pixels
+                self.turns.notify_all()
+
+
+DECODING = PixelBudget(150_000_000)  # about 1 GB at the most a pixel costs (float images)
+
+
 def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
     with open_regular(path) as f:
         try:
@@ -71,8 +99,9 @@ def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
                     )
                 if im.format == "JPEG":
                     _draft(im, size)
-                im.load()
-                return to_grayscale(ImageOps.exif_transpose(im))
+                with DECODING.share(im.width * im.height):  # the size to decode to, after any draft
+                    im.load()
+                    return to_grayscale(ImageOps.exif_transpose(im))
         except BadImageError:
             raise
         except UnidentifiedImageError:
