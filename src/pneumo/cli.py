@@ -376,11 +376,12 @@ def run_command(prog: str, body, args, keeps_freed_memory: bool = True) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")  # odd file names must not break a message
-    log_file = getattr(args, "log_file", None)
+    log_file = None  # the log file once it is known to be none of the inputs: only then is it written
     stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)
     try:
         environment_setting()  # a bad PNEUMO_CPU_KERNELS stops the command before any work
         require_apart(*_named_files(args))  # before the log file is opened: it may be one of the inputs
+        log_file = getattr(args, "log_file", None)
         with sigterm_raises(), _log_file(prog, log_file):
             return body(args) or EXIT_OK
     except PneumoError as e:

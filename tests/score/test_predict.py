@@ -293,6 +293,13 @@ def test_an_unwritable_log_file_is_one_sentence(tmp_path, checkpoint):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_a_log_file_refused_as_an_input_is_not_written_even_with_the_error(tmp_path, checkpoint):
+    (image,) = make_images(tmp_path / "imgs", 1)
+    before = image.read_bytes()
+    code = predict_main(["--checkpoint", str(checkpoint), "--out", str(image), "--log-file", str(image), str(image)])
+    assert code == 2 and image.read_bytes() == before
+
+
 def test_non_finite_probabilities_are_errors_not_labels(tmp_path, checkpoint, monkeypatch):
     make_images(tmp_path / "imgs", 2)
     logits = np.array([np.nan, np.log(0.4 / 0.6)])  # the probabilities nan and 0.4
