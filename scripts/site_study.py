@@ -58,7 +58,7 @@ def study(args) -> None:
 
 
 def _scores(model, images: np.ndarray, labels: np.ndarray, views: list[str]) -> dict:
-    from pneumo.evaluate.metrics import binary_metrics
+    from pneumo.evaluate.metrics import banded_auc, binary_metrics
 
     z, scope = model.scored(images, desc="scoring the other images")
     m = binary_metrics(labels, 1 / (1 + np.exp(-z)), model.threshold)
@@ -66,22 +66,9 @@ def _scores(model, images: np.ndarray, labels: np.ndarray, views: list[str]) -> 
     for view in sorted(set(views) - {""}):
         mask = np.array([v == view for v in views])
         row[f"auc_{view}"] = _auc(labels[mask], z[mask])
-    row["auc_equal_grey"] = _banded_auc(labels, z, images.mean(axis=(1, 2)))
+    row["auc_equal_grey"] = banded_auc(labels, z, images.mean(axis=(1, 2)), GREY_BANDS)
     row["flagged"] = float(np.mean(model.applicability.flags(scope))) if scope is not None else float("nan")
     return row
-
-
-def _banded_auc(labels: np.ndarray, z: np.ndarray, grey: np.ndarray) -> float:
-    """The AUC over pairs (pneumonia, normal) of images in the same band of mean grey level (bands of
-    equal counts): exposure cannot tell such pairs apart."""
-    edges = np.quantile(grey, np.linspace(0, 1, GREY_BANDS + 1)[1:-1])
-    band = np.searchsorted(edges, grey)
-    wins = pairs = 0.0
-    for b in range(GREY_BANDS):
-        pos, neg = z[(band == b) & (labels == 1)], z[(band == b) & (labels == 0)]
-        wins += float((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
-        pairs += len(pos) * len(neg)
-    return wins / pairs if pairs else float("nan")
 
 
 def _auc(labels: np.ndarray, z: np.ndarray) -> float:

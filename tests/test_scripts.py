@@ -4,8 +4,10 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, run_script
+from pneumo.data.synthetic import make_split
 
 
 def test_numpy_benchmark_reports_every_backend(tmp_path):
@@ -135,3 +137,19 @@ def test_gpu_check_runs_its_steps_on_the_cpu_at_toy_size(tmp_path):
     assert checks["resume"]["ok"] and checks["resume"]["killed_after_epoch"] < 3
     assert checks["recipe"]["train_images_per_s"] > 0 and 0 <= checks["recipe"]["data_wait_fraction"] < 1
     assert "checks met their goals" in result.stdout.splitlines()[-1]
+
+
+def test_model_comparison_gives_each_figure_of_each_checkpoint(tmp_path, trained_checkpoint):
+    images, labels = make_split("test", 40, 32, 0.5, seed=3)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = tmp_path / "site" / ("PNEUMONIA" if label else "NORMAL")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"IM-{i:04d}_x.png")
+    for first_network in (False, True):
+        args = ["--site", tmp_path / "site", "--out", tmp_path / "c.json", trained_checkpoint]
+        result = run_script("compare_models.py", *args, *(["--first-network"] if first_network else []))
+        assert result.returncode == 0, result.stderr[-2000:]
+        (row,) = json.loads((tmp_path / "c.json").read_text()).values()
+        aucs = ["val", "design_mean", "design_worst", "held_out_mean", "held_out_worst", "site", "site_equal_grey"]
+        assert all(0 <= row[k] <= 1 for k in aucs) and row["per_image"] == "none"
+        assert (row["site_flagged"] is None) == first_network

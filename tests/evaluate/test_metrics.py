@@ -4,6 +4,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from pneumo.core.errors import PneumoError
 from pneumo.evaluate.metrics import (
+    banded_auc,
     bce,
     binary_metrics,
     bootstrap_ci,
@@ -177,3 +178,14 @@ def test_bootstrap_resamples_whole_patients():
 def test_bootstrap_with_no_two_class_resample_gives_no_interval():
     # Two images, one resample: at best half the time both classes are drawn; here (seed 0) they are not.
     assert bootstrap_ci(np.array([0, 1]), np.array([0.2, 0.8]), 0.5, resamples=1, seed=0) == {}
+
+
+def test_banded_auc_leaves_out_what_the_nuisance_explains():
+    # Positives are bright, and within each brightness band the scores rank them the wrong way round.
+    grey = np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9])
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    scores = grey * 10 - labels  # brightness ranks; within a band, the positive scores lower
+    assert roc_auc_score(labels, scores) == pytest.approx(0.25)  # the bright positives beat the dark negatives
+    assert banded_auc(labels, scores, grey, bands=2) == 0.0
+    assert banded_auc(labels, labels + grey, grey, bands=2) == 1.0
+    assert np.isnan(banded_auc(np.array([1, 0]), np.array([1.0, 0.0]), np.array([0.0, 1.0]), bands=2))

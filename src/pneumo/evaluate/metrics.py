@@ -179,6 +179,20 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
     }
 
 
+def banded_auc(labels: np.ndarray, scores: np.ndarray, nuisance: np.ndarray, bands: int = 5) -> float:
+    """The AUC over the pairs (positive, negative) whose `nuisance` (an image's mean grey level, say)
+    falls in the same of `bands` bands of equal counts: what is left of a model's ranking where the
+    nuisance cannot tell the two classes apart. NaN without such a pair."""
+    edges = np.quantile(nuisance, np.linspace(0, 1, bands + 1)[1:-1])
+    band = np.searchsorted(edges, nuisance)
+    wins = pairs = 0.0
+    for b in range(bands):
+        pos, neg = scores[(band == b) & (labels == 1)], scores[(band == b) & (labels == 0)]
+        wins += float((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
+        pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else float("nan")
+
+
 def bce(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(labels, dtype=np.float64)
