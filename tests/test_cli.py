@@ -220,6 +220,7 @@ def test_options_out_of_range_are_one_sentence_and_exit_2(tmp_path, script, args
         [sys.executable, str(ROOT / "scripts" / script), *args], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 2 and phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()[-1]) < 300  # one sentence, not the 5000 digits it was given
 
 
 def test_output_onto_standard_output_is_refused_and_a_reader_that_left_is_no_failure(tmp_path):

@@ -105,7 +105,8 @@ class Shard:
     def parse(cls, text: str) -> Shard:
         match = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", text)  # ASCII digits: int() takes others too
         if not (match and 1 <= int(match[1]) <= int(match[2])):
-            raise PneumoError(f"--shard {text}: expected K/N with 1 <= K <= N < 10^9, e.g. --shard 2/8")
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise PneumoError(f"--shard {shown}: expected K/N with 1 <= K <= N < 10^9, e.g. --shard 2/8")
         return cls(int(match[1]), int(match[2]))
 
     def holds(self, key: str) -> bool:
