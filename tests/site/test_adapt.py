@@ -78,7 +78,9 @@ def test_fine_tuning_changes_the_network_and_its_applicability_check(tmp_path, t
     record = site.provenance["site_adaptation"]
     assert record["kept"] == "fine-tune" and record["fine_tuning"]["steps"] == 6
     head = "head.3.weight"
-    assert len(site.members) == 1 and not torch.equal(site.members[0][head], original.members[0][head])
+    # One network fine-tuned per fold (three here), each without its fold: their ensemble is the model.
+    assert len(site.members) == 3 and not torch.equal(site.members[0][head], original.members[0][head])
+    assert not torch.equal(site.members[0][head], site.members[1][head])
     assert site.applicability.to_dict()["threshold"] != original.applicability.to_dict()["threshold"]
 
 

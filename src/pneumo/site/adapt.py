@@ -117,8 +117,9 @@ def adapt(model: TrainedModel, sample: Sample, options: Options = Options()) -> 
     candidates = _viable(options.choice, before, out_of_scope)
     folds = patient_folds(sample, options.folds, options.seed)
     # Each candidate's logits of every image from a model that never saw its patient (recalibration
-    # leaves the network as it is: its logits are the model's own).
-    raw = {name: _held_out_logits(name, model, z, sample, folds, options) for name in candidates}
+    # leaves the network as it is: its logits are the model's own), and the fold's fine-tuned networks.
+    held_out = {name: _held_out_logits(name, model, z, sample, folds, options) for name in candidates}
+    raw = {name: logits for name, (logits, _) in held_out.items()}
     threshold = equal_odds_threshold(sample.labels)
     cross_validated = {
         name: report.metrics(_cross_validated(raw[name], sample.labels, folds, options.method), threshold)
@@ -128,7 +129,7 @@ def adapt(model: TrainedModel, sample: Sample, options: Options = Options()) -> 
     if kept == "recalibrate":
         adapted = _recalibrated(model, z, sample, options)
     else:
-        adapted = _fine_tuned(model, raw[kept], sample, folds, options)
+        adapted = _fine_tuned(model, *held_out[kept], sample, folds, options)
     record = {**_record(model, sample, options), "kept": kept, "cross_validated": _plain(cross_validated)}
     adapted = replace(adapted, provenance={**model.provenance, "site_adaptation": record}, path=None, model_id="")
     return Result(
@@ -179,18 +180,19 @@ def patient_folds(sample: Sample, k: int, seed: int) -> np.ndarray:
 
 
 def _held_out_logits(name: str, model: TrainedModel, z: np.ndarray, sample: Sample, folds, options: Options):
-    """Each image's logit from candidate `name` fitted on the other folds; fine-tuned networks come with
-    no calibration of their own."""
+    """(each image's logit from candidate `name` fitted on the other folds, the networks fine-tuned for
+    the folds); fine-tuned networks come with no calibration of their own."""
     if name == "recalibrate":
-        return z
-    out = np.empty(len(sample.labels))
+        return z, []
+    out, networks = np.empty(len(sample.labels)), []
     for f in range(options.folds):
-        log.info("cross-validating fine-tuning: fold %d of %d", f + 1, options.folds)
+        log.info("fine-tuning for fold %d of %d", f + 1, options.folds)
         held = folds == f
         members = fine_tune(model, sample.images[~held], sample.labels[~held], options.recipe, options.seed)
-        tuned = replace(model, members=members, calibration=calibration.Calibration())
+        tuned = replace(model, members=members, calibration=calibration.Calibration(), applicability=None)
         out[held] = tuned.logits(sample.images[held], desc="scoring the held-out fold")
-    return out
+        networks += members
+    return out, networks
 
 
 def _recalibrated(model: TrainedModel, z: np.ndarray, sample: Sample, options: Options) -> TrainedModel:
@@ -207,16 +209,17 @@ def _recalibrated(model: TrainedModel, z: np.ndarray, sample: Sample, options: O
 
 
 def _fine_tuned(
-    model: TrainedModel, oof: np.ndarray, sample: Sample, folds: np.ndarray, options: Options
+    model: TrainedModel, oof: np.ndarray, networks: list, sample: Sample, folds: np.ndarray, options: Options
 ) -> TrainedModel:
-    """The model fine-tuned on the whole sample. Its calibration is fitted on the cross-validated
-    logits `oof` (the final network's own logits on the sample it learned are overconfident), and its
+    """The ensemble of the networks fine-tuned for the cross-validation folds, each on all of the sample
+    but one fold: it ranked the site's other images better than one network fine-tuned on the whole
+    sample (docs/new-site.md), and costs no fine-tuning more. Its calibration is fitted on the
+    cross-validated logits `oof` (a network's logits on images it learned are overconfident), and its
     applicability check describes the site's images: they are now what it has seen."""
     site, threshold = fit_site(oof, sample.labels, options.method)
-    members = fine_tune(model, sample.images, sample.labels, options.recipe, options.seed)
     tuned = replace(
         model,
-        members=members,
+        members=networks,
         calibration=site,
         threshold=threshold,
         threshold_method="site: equal odds at the sample's prevalence",

@@ -33,7 +33,7 @@ class Recipe:
     # from where it started (decoupled, as AdamW decays towards zero).
     anchor: float = 0.1
     batch_size: int = 32
-    # How many of an ensemble's networks to fine-tune, from the first: the adapted model is these alone.
+    # How many of an ensemble's networks to fine-tune, from the first, for each cross-validation fold.
     networks: int = 1
 
     def epochs(self, n: int) -> int:
