@@ -12,6 +12,7 @@ that an ensemble compares with one network; the check is then not reported.
 """
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import replace
@@ -31,10 +32,10 @@ def compare(args) -> None:
 
 def _figures(path: str, args) -> dict:
     from pneumo.data import load_split
+    from pneumo.data.manifest import column
     from pneumo.evaluate.metrics import banded_auc
     from pneumo.model.checkpoint import TrainedModel
     from pneumo.site import shift
-    from pneumo.site.adapt import load_sample
 
     model = TrainedModel.load(path, args.set)
     if args.first_network:
@@ -44,10 +45,10 @@ def _figures(path: str, args) -> dict:
     for group, renderings in (("design", shift.DESIGN), ("held_out", shift.HELD_OUT)):
         aucs = [_auc(val.labels, model.logits(shift.render(val.images, r))) for r in renderings.values()]
         row.update({f"{group}_mean": float(np.mean(aucs)), f"{group}_worst": float(np.min(aucs))})
-    site = load_sample([args.site], model.config.data.image_size, model.config.data.max_pixels)
+    site = _site(args.site, model.config.data.image_size, model.config.data.max_pixels)
     z, scope = model.scored(site.images, desc="scoring the site")
     row["site"] = _auc(site.labels, z)
-    views = np.asarray(_views(args.site, site.paths))
+    views = np.asarray(column(args.site, "view", site.paths))
     for view in sorted(set(views) - {""}):
         row[f"site_{view}"] = _auc(site.labels[views == view], z[views == view])
     row["site_equal_grey"] = banded_auc(site.labels, z, site.images.mean(axis=(1, 2)))
@@ -56,21 +57,18 @@ def _figures(path: str, args) -> dict:
     return row
 
 
+@functools.cache
+def _site(source: str, size: int, max_pixels: int):
+    """The site's images, decoded once for all the checkpoints of one size."""
+    from pneumo.site.adapt import load_sample
+
+    return load_sample([source], size, max_pixels)
+
+
 def _auc(labels: np.ndarray, z: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(labels, z))
-
-
-def _views(manifest: str, paths: list[str]) -> list[str]:
-    import csv
-    from pathlib import Path
-
-    if not Path(manifest).is_file():  # a folder of NORMAL/ and PNEUMONIA/: no views
-        return [""] * len(paths)
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        by_path = {str((Path(manifest).parent / r["path"]).resolve()): r.get("view") or "" for r in csv.DictReader(f)}
-    return [by_path.get(p, "") for p in paths]
 
 
 def main() -> int:

@@ -11,7 +11,6 @@ share the adapted model's applicability check flags; and the input model's AUC o
 """
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,13 +25,14 @@ GREY_BANDS = 5
 def study(args) -> None:
     from dataclasses import replace
 
+    from pneumo.data.manifest import column
     from pneumo.model.checkpoint import TrainedModel, bundled_checkpoint
     from pneumo.site.adapt import Options, adapt, draw_patients, load_sample
     from pneumo.site.finetune import Recipe
 
     model = TrainedModel.load(args.checkpoint or bundled_checkpoint(), args.set)
     site = load_sample([args.sample], model.config.data.image_size, model.config.data.max_pixels)
-    views = _column(args.sample, "view", site.paths)
+    views = column(args.sample, "view", site.paths)
     options = Options(choice=args.adapt, recipe=Recipe(steps=args.steps) if args.steps else Recipe(), bootstrap=0)
     rng, patients, rows = np.random.default_rng(args.seed), np.asarray(site.patients), []
     before = model.logits(site.images, desc="scoring the site with the input model")
@@ -75,14 +75,6 @@ def _auc(labels: np.ndarray, z: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(labels, z)) if len(set(labels.tolist())) == 2 else float("nan")
-
-
-def _column(manifest: str, name: str, paths: list[str]) -> list[str]:
-    """The manifest's column `name` for each of `paths` ('' where it has none)."""
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    by_path = {str((Path(manifest).parent / r["path"]).resolve()): r.get(name) or "" for r in rows}
-    return [by_path.get(p, "") for p in paths]
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from pneumo.core.errors import BadImageError, PneumoError
 from pneumo.data import load_split, resolve_format
 from pneumo.data.cache import cache_key, cached_decode
 from pneumo.data.images import load_image
-from pneumo.data.manifest import read_manifest
+from pneumo.data.manifest import column, read_manifest
 from pneumo.data.npz import read_npz_split
 from pneumo.data.synthetic import write_folder
 
@@ -63,6 +63,14 @@ def test_manifest_errors(tmp_path, text, message):
     os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
     with pytest.raises(PneumoError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_manifest(write_csv(tmp_path / "m.csv", text))
+
+
+def test_a_manifest_column_pneumo_does_not_read_is_there_for_reports(tmp_path):
+    csv = write_csv(tmp_path / "m.csv", "path,label,view\na.png,0,AP\nsub/b.png,1, PA \nc.png,1,\n")
+    paths = [str((tmp_path / name).resolve()) for name in ("sub/b.png", "a.png", "c.png", "other.png")]
+    assert column(csv, "view", paths) == ["PA", "AP", "", ""]
+    assert column(csv, "age", paths) == ["", "", "", ""]
+    assert column(tmp_path, "view", paths) == ["", "", "", ""]  # a folder sample has no columns
 
 
 def test_manifest_labels_are_case_insensitive_and_default_split_is_train(tmp_path):

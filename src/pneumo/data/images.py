@@ -133,8 +133,9 @@ def to_grayscale(im: Image.Image) -> Image.Image:
         return _rows_to_uint8(im, lambda rows: np.clip(rows / top * 255 + 0.5, 0, 255))
     if im.mode == "F":
         # Floating-point images carry no depth: their own range becomes 0 to 255 (NaN as 0).
-        lo = min(np.nan_to_num(rows).min() for rows in _float64_rows(im))
-        span = max(np.nan_to_num(rows).max() for rows in _float64_rows(im)) - lo
+        extremes = [(rows.min(), rows.max()) for rows in map(np.nan_to_num, _float64_rows(im))]
+        lo = min(low for low, _ in extremes)
+        span = max(high for _, high in extremes) - lo
         if not span > 0:
             return Image.new("L", im.size)
         return _rows_to_uint8(im, lambda rows: (np.nan_to_num(rows) - lo) / span * 255 + 0.5)

@@ -66,6 +66,22 @@ def _rows(csv_path: Path, reader: csv.DictReader) -> list[Row]:
     return rows
 
 
+def column(source: str | Path, name: str, paths: list[str]) -> list[str]:
+    """The manifest `source`'s column `name` (one pneumo does not read: a view, an age) for each of
+    `paths`, resolved as read_manifest gives them; '' where it has no value, and for every path when
+    `source` is not a manifest (a folder of NORMAL/ and PNEUMONIA/)."""
+    source = Path(source)
+    if not source.is_file():
+        return [""] * len(paths)
+    text = read_regular(source, "manifest").decode("utf-8-sig")
+    by_path = {
+        _resolved(source.parent / row["path"], str(source)): (row.get(name) or "").strip()
+        for row in csv.DictReader(text.splitlines())
+        if row.get("path")
+    }
+    return [by_path.get(p, "") for p in paths]
+
+
 def _resolved(path: Path, where: str) -> str:
     try:
         return str(path.resolve())
