@@ -7,6 +7,8 @@ import functools
 import importlib
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -63,6 +65,27 @@ def set_threads() -> None:
 
 
 BUSY_CORES = 0.5  # other processes' use of the machine, in cores, above which the kernels take one thread
+
+
+@contextmanager
+def inference_threads() -> Iterator[Callable[[], None]]:
+    """Within the block, `follow()` (call it before each batch) gives torch one thread while other
+    processes keep the machine busy, and its own setting back when they stop; the setting is restored
+    at the end. Inference, unlike training, sums each output within one thread, so the bits are the same
+    on any number of threads (a test checks); and under load torch's threads, like numba's, wait at
+    every barrier for whichever of them the system paused, so that one thread scored faster."""
+    configured = torch.get_num_threads()
+
+    def follow() -> None:
+        wanted = 1 if configured > 1 and OTHERS.cores() >= BUSY_CORES else configured
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+    try:
+        yield follow
+    finally:
+        if torch.get_num_threads() != configured:
+            torch.set_num_threads(configured)
 
 
 class OtherWork:

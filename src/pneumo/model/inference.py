@@ -3,12 +3,15 @@ descriptors the applicability check scores, in the same pass."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
 
 from pneumo.core.device import to_input
 from pneumo.core.progress import batches
+from pneumo.cpu.loader import inference_threads
 from pneumo.model.applicability import Applicability, describe
 
 
@@ -26,7 +29,7 @@ def logits(
     """The model's logits (float64) for uint8 images (N, H, W)."""
     model.eval()
     out = []
-    for part in batches(len(images), batch_size, desc):
+    for part in _batches(len(images), batch_size, device, desc):
         x = to_input(images[part], device)
         out.append(model(x).float().cpu())  # float32 on every device (see core.device.autocast)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
@@ -40,12 +43,21 @@ def described(
     (`applicability.describe`), from one pass."""
     model.eval()
     out, parts = [], []
-    for part in batches(len(images), batch_size, desc):
+    for part in _batches(len(images), batch_size, device, desc):
         x, features = to_input(images[part], device), []
         out.append(model(x, features).float().cpu())
         parts.append(describe(x, features))
     descriptors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
     return (torch.cat(out).double().numpy() if out else np.zeros(0)), descriptors
+
+
+def _batches(n: int, batch_size: int, device: torch.device, desc: str) -> Iterator[slice]:
+    """`batches`, with torch's CPU threads following the machine's load (`cpu.loader.inference_threads`)."""
+    with inference_threads() as follow:
+        for part in batches(n, batch_size, desc):
+            if device.type == "cpu":
+                follow()
+            yield part
 
 
 def scored(
