@@ -30,6 +30,8 @@ from torch import nn
 
 from pneumo.core.config import AugmentConfig, ModelConfig
 from pneumo.core.device import cpu_has_amx, prepare, resolve_device, training_dtype
+from pneumo.core.load import busy_now
+from pneumo.core.process import threads_sleep_in
 from pneumo.data.cache import cached_decode
 from pneumo.data.folder import list_split
 from pneumo.model.inference import predict
@@ -304,14 +306,20 @@ def busy_processes(n: int):
 
 
 def run_isolated(which: str, settings: Settings) -> dict:
-    """One pipeline's benchmark in a fresh process."""
+    """One pipeline's benchmark in a fresh process. pneumo's starts as pneumo-train does: its idle OpenMP
+    threads sleep where the machine is busy (`core.process.idle_threads_sleep`); the typical pipeline's
+    keep OpenMP's default, as a plain PyTorch script does."""
     import subprocess
 
+    env = dict(os.environ)
+    if which == "pneumo":
+        threads_sleep_in(env, busy_now)
     proc = subprocess.run(
         [sys.executable, __file__, which, json.dumps(asdict(settings))],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"the {which} benchmark failed:\n{proc.stderr[-3000:]}")

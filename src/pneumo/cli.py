@@ -58,6 +58,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int | None:
+    idle_threads_sleep(only_under_load=True)
     cfg = load_config(args.config, [*args.set, *([f"train.init_from={args.init}"] if args.init else [])])
     if args.print_config:
         return _print_yaml(to_dict(cfg))
@@ -231,6 +232,7 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args) -> None:
+    idle_threads_sleep(only_under_load=True)  # it fine-tunes: training, as above
     from pneumo.model.checkpoint import TrainedModel, save_checkpoint
     from pneumo.site.adapt import Options, adapt, load_sample
     from pneumo.site.finetune import Recipe

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from pneumo.core.process import idle_threads_sleep
+from pneumo.core.process import idle_threads_sleep, threads_sleep_in
 
 PROBE = """
 import os, sys
@@ -20,7 +20,7 @@ def probe(**env) -> str:
 
 def test_idle_threads_sleep_before_torch_loads_and_never_override_the_user():
     assert probe() == "True PASSIVE False"  # set before torch loads; once torch is in, too late
-    assert probe(OMP_WAIT_POLICY="ACTIVE") == "True ACTIVE False"  # a user's own choice stands
+    assert probe(OMP_WAIT_POLICY="ACTIVE") == "False ACTIVE False"  # a user's own choice stands
 
 
 def test_in_a_process_that_already_imported_torch_nothing_changes():
@@ -28,3 +28,11 @@ def test_in_a_process_that_already_imported_torch_nothing_changes():
 
     before = os.environ.get("OMP_WAIT_POLICY")
     assert idle_threads_sleep() is False and os.environ.get("OMP_WAIT_POLICY") == before
+
+
+def test_training_commands_let_threads_sleep_only_on_a_busy_machine():
+    busy, idle = {}, {}
+    assert threads_sleep_in(busy, lambda: True) and busy == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert not threads_sleep_in(idle, lambda: False) and idle == {}
+    user = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not threads_sleep_in(user, lambda: True) and user == {"OMP_WAIT_POLICY": "ACTIVE"}

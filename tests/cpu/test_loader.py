@@ -39,16 +39,6 @@ def test_rows_handed_out_a_few_at_a_time_give_the_same_bits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(shared, fixed, strict=True))
 
 
-def test_other_work_is_the_machines_busy_time_less_this_processs():
-    ticks = loader.TICKS
-    samples = iter([(0.0, 0, 0), (1.0, 3 * ticks, ticks), (1.1, 3 * ticks, ticks), (2.0, 4 * ticks, 2 * ticks)])
-    gauge = loader.OtherWork(every=0.0, read=lambda: next(samples))
-    assert gauge.cores() == pytest.approx(2.0)  # 3 cores busy in a second, 1 of them this process
-    assert gauge.cores() == pytest.approx(0.0)  # a tenth of a second with no tick: nobody else
-    assert gauge.cores() == pytest.approx(0.0)
-    assert loader.OtherWork(read=lambda: None).cores() == 0.0  # no /proc: no other work known
-
-
 def test_under_load_the_kernels_take_one_thread_and_give_the_same_bits(monkeypatch):
     torch.manual_seed(0)
     network = SmallCNN([8, 16, 32], stem_stride=2, dropout=0.0).to(memory_format=torch.channels_last)
