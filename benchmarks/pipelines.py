@@ -91,6 +91,7 @@ def bench_pneumo(s: Settings) -> dict:
         "data_wait_fraction": data_s / train_s,
         "images": n,
         "train_dtype": str(dtype).removeprefix("torch."),
+        "openmp_wait": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
 
 

@@ -141,6 +141,7 @@ def print_report(report: dict, size: int, batch: int) -> None:
     for key, name in RATES:
         print(f"{name:<12} {p[key]:10.1f} {report['typical'][key]:10.1f} {report['ratio'][key]:7.2f}")
     print(f"pneumo spent {100 * p['data_wait_fraction']:.1f}% of its training time preparing batches")
+    print(f"pneumo's OMP_WAIT_POLICY: {p['openmp_wait']} (PASSIVE where the machine was busy as it started)")
     print(
         f"FLOPs per image: {lim['train_gflops_per_image']:.2f} G training, "
         f"{lim['infer_gflops_per_image']:.2f} G inference"

@@ -61,3 +61,25 @@ def test_busy_processes_run_beside_the_block_and_end_with_it():
         except ProcessLookupError:
             continue
         raise AssertionError(f"busy process {pid} outlived the block")
+
+
+def test_the_pneumo_pipeline_starts_as_pneumo_train_does_and_the_typical_one_with_openmps_default(monkeypatch):
+    """On a busy machine pneumo's process gets sleeping OpenMP threads, as pneumo-train gives itself;
+    the typical pipeline's keeps whatever the user's environment says."""
+    import subprocess
+
+    from benchmarks import pipelines
+
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen[command[2]] = env.get("OMP_WAIT_POLICY")
+        return subprocess.CompletedProcess(command, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(subprocess, "run", run)
+    settings = pipelines.Settings("root", 32, [8], 1, "cpu", 8, 0, "cache", "auto", 1)
+    for busy, expected in ((True, "PASSIVE"), (False, None)):
+        monkeypatch.setattr(pipelines, "busy_now", lambda busy=busy: busy)
+        assert pipelines.run_isolated("pneumo", settings) == pipelines.run_isolated("typical", settings) == {"ok": 1}
+        assert seen == {"pneumo": expected, "typical": None}
