@@ -62,12 +62,18 @@ def test_descriptors_are_a_thumbnail_a_histogram_and_the_normalized_features():
         lambda raw: raw["gaussians"]["histogram"].__setitem__("mean", "0.5"),
         lambda raw: raw.__setitem__("threshold", float("inf")),
         lambda raw: raw.__setitem__("quantile", 1.5),
+        lambda raw: raw.__setitem__("threshold", torch.zeros(3)),
+        # Tables that are not dicts: a tensor or a list indexed by a name (found by tests/test_fuzz.py)
+        lambda raw: torch.zeros(1).expand(10, 10),
+        lambda raw: raw.__setitem__("gaussians", [1, 2]),
+        lambda raw: raw["gaussians"].__setitem__("thumbnail", torch.zeros(4, 4)),
     ],
 )
 def test_damaged_statistics_are_refused_on_load(damage):
     raw = Applicability.fit(blobs(200), blobs(50, seed=1), 0.9).to_dict()
     Applicability.from_dict(raw, 6, "x.pt")  # intact: accepted
-    damage(raw)
+    replaced = damage(raw)  # a change in place, or statistics in place of the whole
+    raw = raw if replaced is None else replaced
     with pytest.raises(CheckpointError, match="x.pt"):
         Applicability.from_dict(raw, 6, "x.pt")
 

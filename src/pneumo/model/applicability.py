@@ -87,15 +87,24 @@ class Applicability:
         """A checkpoint's statistics, checked against the network they describe (`feature_size`)."""
         sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS}
         try:
-            gaussians = {name: Gaussian(*(_float64(raw["gaussians"][name][k]) for k in FIELDS)) for name in sizes}
-            out = cls(gaussians, float(raw["threshold"]), float(raw["quantile"]))
-        except (KeyError, TypeError, ValueError) as e:
+            tables = {name: _entry(_entry(raw, "gaussians"), name) for name in sizes}
+            gaussians = {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in sizes}
+            out = cls(gaussians, float(_entry(raw, "threshold")), float(_entry(raw, "quantile")))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: float() of a long tensor
             raise CheckpointError(f"{where} has malformed applicability statistics ({e})") from None
         for name, g in gaussians.items():
             _check_gaussian(g, sizes[name], f"{where}: applicability statistics '{name}'")
         if not (np.isfinite(out.threshold) and 0 < out.quantile < 1):
             raise CheckpointError(f"{where}: applicability threshold or quantile out of range")
         return out
+
+
+def _entry(table, key: str):
+    """table[key] of a dict; anything else is refused (a tensor or list indexed by a name raises
+    IndexError, which would pass for a bug)."""
+    if not isinstance(table, dict):
+        raise TypeError(f"expected a dict, found {type(table).__name__}")
+    return table[key]
 
 
 def _float64(t) -> torch.Tensor:
