@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -156,3 +157,21 @@ def test_model_comparison_gives_each_figure_of_each_checkpoint(tmp_path, trained
         aucs = ["val", "design_mean", "design_worst", "held_out_mean", "held_out_worst", "site", "site_equal_grey"]
         assert all(0 <= row[k] <= 1 for k in aucs) and row["per_image"] == "none"
         assert (row["site_flagged"] is None) == first_network
+
+
+def test_ood_study_gives_each_descriptor_and_combination_at_each_quantile(tmp_path, trained_checkpoint):
+    same, _ = make_split("test", 20, 32, 0.5, seed=5)
+    noise = np.random.default_rng(0).integers(0, 256, (10, 32, 32), dtype=np.uint8)
+    for name, images in (("same", same), ("noise", noise)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp_path / name / f"{i}.png")
+    args = ["--checkpoint", trained_checkpoint, "--json", tmp_path / "o.json", "--quantile", "0.9"]
+    result = run_script("ood_study.py", *args, tmp_path / "same", tmp_path / "noise")
+    assert result.returncode == 0, result.stderr[-2000:]
+    flagged = json.loads((tmp_path / "o.json").read_text())["flagged"]
+    descriptors = ("features", "thumbnail", "histogram", "texture", "the three", "the four")
+    assert list(flagged) == [f"{c} at 0.9" for c in descriptors]
+    four = flagged["the four at 0.9"]
+    assert four[str(tmp_path / "noise")] == 1.0 and four[str(tmp_path / "same")] <= 0.3
+    assert all(0 <= v <= 1 for row in flagged.values() for v in row.values())

@@ -1,13 +1,14 @@
 """The applicability check: how unlike a model's training images an image is (out-of-distribution
 detection), so that a model can say when it is out of its depth.
 
-Three descriptors of an image, each with a Gaussian fitted to the training images (Ledoit-Wolf
+Four descriptors of an image, each with a Gaussian fitted to the training images (Ledoit-Wolf
 shrinkage) and scored by its squared Mahalanobis distance: the network's own features (each block's
-output averaged over space, L2-normalized per block, as in Mahalanobis++, Mueller and Hein 2025), an
-8x8 thumbnail (layout: anatomy, framing) and a 32-bin grey-level histogram (exposure). Each distance
-becomes a p-value against the validation images, and Fisher's method combines the three: a site can
-differ in any of them. The threshold is the configured quantile of validation's combined scores.
-docs/new-site.md gives what it flags, and why these descriptors (measured).
+output averaged over space, L2-normalized per block: Mahalanobis++, Mueller and Hein 2025), an 8x8
+thumbnail (layout), a grey-level histogram (exposure) and histograms of band-pass magnitudes at
+three scales (texture: the scanner's sharpness and the anatomy's fine structure). Each distance
+becomes a p-value against validation, and Fisher's method combines them: a site can differ in any.
+The threshold is the configured quantile of validation's combined scores. docs/new-site.md says
+what it flags, and why these descriptors (measured).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from torch import nn
 from pneumo.core.errors import CheckpointError
 
 THUMBNAIL, BINS = 8, 32
+# Texture: |Laplacian| of the image averaged over 2x2, 4x4 and 8x8 blocks (a band-pass pyramid, as in
+# Heeger and Bergen's texture statistics), in log-spaced bins from 1e-3 to 1. The finest band is left
+# out: it holds the JPEG blocks of the 224x224 copies more than anything of the X-ray.
+TEXTURE_SCALES, TEXTURE_BINS = (2, 4, 8), 16
+# Descriptors every check has; a checkpoint from before the texture descriptor has only these.
+REQUIRED = ("features", "thumbnail", "histogram")
 FIELDS = ("mean", "precision", "reference")
 MIN_P = 1e-6  # a p-value below any validation image's: keeps log(p) finite
 
@@ -85,10 +92,11 @@ class Applicability:
     @classmethod
     def from_dict(cls, raw: dict, feature_size: int, where: str) -> Applicability:
         """A checkpoint's statistics, checked against the network they describe (`feature_size`)."""
-        sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS}
+        sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS, "texture": TEXTURE_SIZE}
         try:
-            tables = {name: _entry(_entry(raw, "gaussians"), name) for name in sizes}
-            gaussians = {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in sizes}
+            names = [*REQUIRED, *(["texture"] if "texture" in _entry(raw, "gaussians") else [])]
+            tables = {name: _entry(_entry(raw, "gaussians"), name) for name in names}
+            gaussians = {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in names}
             out = cls(gaussians, float(_entry(raw, "threshold")), float(_entry(raw, "quantile")))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: float() of a long tensor
             raise CheckpointError(f"{where} has malformed applicability statistics ({e})") from None
@@ -130,7 +138,33 @@ def describe(x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.T
     rows = torch.arange(len(x), device=x.device)[:, None] * BINS
     histogram = torch.bincount((bins + rows).flatten(), minlength=len(x) * BINS).view(len(x), BINS)
     histogram = histogram.float() / bins.shape[1]
-    return {"features": pooled.cpu(), "thumbnail": thumbnail.cpu(), "histogram": histogram.cpu()}
+    return {
+        "features": pooled.cpu(),
+        "thumbnail": thumbnail.cpu(),
+        "histogram": histogram.cpu(),
+        "texture": texture(x.float()).cpu(),
+    }
+
+
+TEXTURE_SIZE = len(TEXTURE_SCALES) * TEXTURE_BINS
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def texture(x: torch.Tensor) -> torch.Tensor:
+    """For each scale, the share of the image's |Laplacian| (of the image averaged over scale x scale
+    blocks) in each of TEXTURE_BINS log-spaced bins: (N, TEXTURE_SIZE)."""
+    kernel = torch.tensor(LAPLACIAN, device=x.device).view(1, 1, 3, 3)
+    edges = torch.logspace(-3, 0, TEXTURE_BINS - 1, device=x.device)
+    shares = []
+    for scale in TEXTURE_SCALES:
+        blocks = F.avg_pool2d(x, scale)
+        if min(blocks.shape[-2:]) < 3:  # a toy-sized image: its edge repeated, for the 3x3 kernel to fit
+            blocks = F.pad(blocks, (1, 1, 1, 1), mode="replicate")
+        magnitude = F.conv2d(blocks, kernel).abs().flatten(1)
+        counts = torch.zeros(len(x), TEXTURE_BINS, device=x.device)
+        counts.scatter_add_(1, torch.bucketize(magnitude, edges), torch.ones_like(magnitude))
+        shares.append(counts / magnitude.shape[1])
+    return torch.cat(shares, 1)
 
 
 def feature_size(members: nn.ModuleList) -> int:
