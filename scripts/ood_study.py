@@ -78,7 +78,7 @@ def _flagged(train: dict, val: dict, images: dict, names: list[str], quantile: f
 
 def scales(text: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in text.split(","))
-    if not all(v >= 1 for v in values):
+    if not all(v >= 1 and v & (v - 1) == 0 for v in values):  # powers of two (applicability.TEXTURE_SCALES)
         raise ValueError(text)
     return values
 
