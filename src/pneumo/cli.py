@@ -58,10 +58,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int | None:
-    idle_threads_sleep(only_under_load=True)
     cfg = load_config(args.config, [*args.set, *([f"train.init_from={args.init}"] if args.init else [])])
     if args.print_config:
         return _print_yaml(to_dict(cfg))
+    idle_threads_sleep(only_under_load=True)  # before torch loads
     from pneumo.train.run import train
 
     train(cfg, resume=args.resume)
