@@ -56,8 +56,9 @@ def study(args) -> None:
     rows = {}
     for label, names in COMBINATIONS.items():
         for q in args.quantile or [0.99, 0.98]:
-            row = {site: _flagged(train, val, d, names, q) for site, d in sites.items()}
-            row["train, other half"] = _flagged(_rows(train, fitted), val, _rows(train, left_out), names, q)
+            check = _fit(train, val, names, q)  # once for every site
+            row = {site: _flagged(check, d) for site, d in sites.items()}
+            row["train, other half"] = _flagged(_fit(_rows(train, fitted), val, names, q), _rows(train, left_out))
             rows[f"{label} at {q}"] = row
             print(f"{label:>10} at {q}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()), flush=True)
     if args.json:
@@ -69,11 +70,15 @@ def _rows(d: dict, index: np.ndarray) -> dict:
     return {name: t[index] for name, t in d.items()}
 
 
-def _flagged(train: dict, val: dict, images: dict, names: list[str], quantile: float) -> float:
+def _fit(train: dict, val: dict, names: list[str], quantile: float):
     from pneumo.model.applicability import Applicability
 
-    check = Applicability.fit({n: train[n] for n in names}, {n: val[n] for n in names}, quantile)
-    return float(check.flags(check.score({n: images[n] for n in names})).float().mean())
+    return Applicability.fit({n: train[n] for n in names}, {n: val[n] for n in names}, quantile)
+
+
+def _flagged(check, images: dict) -> float:
+    """The share of `images` (their descriptors) that `check` flags; it scores the descriptors it has."""
+    return float(check.flags(check.score(images)).float().mean())
 
 
 def scales(text: str) -> tuple[int, ...]:

@@ -45,8 +45,7 @@ def _rows(csv_path: Path, reader: csv.DictReader) -> list[Row]:
             f"{', '.join(columns) or 'none'})"
         )
     rows, seen = [], {}
-    for line, raw in enumerate(reader, start=2):
-        record = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+    for line, record in enumerate(_records(reader), start=2):
         where = f"{csv_path} line {line}"
         if not record["path"]:
             raise PneumoError(f"{where}: empty path")
@@ -75,11 +74,17 @@ def column(source: str | Path, name: str, paths: list[str]) -> list[str]:
         return [""] * len(paths)
     text = read_regular(source, "manifest").decode("utf-8-sig")
     by_path = {
-        _resolved(source.parent / row["path"], str(source)): (row.get(name) or "").strip()
-        for row in csv.DictReader(text.splitlines())
+        _resolved(source.parent / row["path"], str(source)): row.get(name, "")
+        for row in _records(csv.DictReader(text.splitlines()))
         if row.get("path")
     }
     return [by_path.get(p, "") for p in paths]
+
+
+def _records(reader: csv.DictReader):
+    """The reader's rows with their column names and values stripped of spaces, as a hand-made CSV has them."""
+    for raw in reader:
+        yield {k.strip(): (v or "").strip() for k, v in raw.items() if k}
 
 
 def _resolved(path: Path, where: str) -> str:

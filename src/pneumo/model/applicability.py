@@ -94,8 +94,9 @@ class Applicability:
         """A checkpoint's statistics, checked against the network they describe (`feature_size`)."""
         sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS, "texture": TEXTURE_SIZE}
         try:
-            names = [*REQUIRED, *(["texture"] if "texture" in _entry(raw, "gaussians") else [])]
-            tables = {name: _entry(_entry(raw, "gaussians"), name) for name in names}
+            stored = _entry(raw, "gaussians")
+            names = [*REQUIRED, *(["texture"] if "texture" in stored else [])]
+            tables = {name: _entry(stored, name) for name in names}
             gaussians = {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in names}
             out = cls(gaussians, float(_entry(raw, "threshold")), float(_entry(raw, "quantile")))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: float() of a long tensor
