@@ -33,6 +33,7 @@ COMBINATIONS = {
 def study(args) -> None:
     import torch
 
+    from pneumo.core.device import to_input
     from pneumo.data import load_split
     from pneumo.data.images import decode_all
     from pneumo.model import applicability
@@ -40,12 +41,16 @@ def study(args) -> None:
     from pneumo.model.inference import described
     from pneumo.score.predict import find_images
 
-    applicability.TEXTURE_SCALES = args.texture_scales  # a study of the scales, not the shipped ones
     model = TrainedModel.load(args.checkpoint or bundled_checkpoint(), args.set)
     network, device = model._ready(None)
 
     def descriptors(images: np.ndarray) -> dict:
-        return described(network, torch.from_numpy(np.ascontiguousarray(images)), 64, device)[1]
+        images = torch.from_numpy(np.ascontiguousarray(images))
+        out = described(network, images, 64, device)[1]
+        if args.texture_scales != applicability.TEXTURE_SCALES:  # a study of other scales than the shipped
+            batches = (to_input(images[s : s + 64], device) for s in range(0, len(images), 64))
+            out["texture"] = torch.cat([applicability.texture(x, args.texture_scales).cpu() for x in batches])
+        return out
 
     train, val = (descriptors(load_split(model.config, split).images) for split in ("train", "val"))
     data, sites = model.config.data, {}

@@ -175,3 +175,8 @@ def test_ood_study_gives_each_descriptor_and_combination_at_each_quantile(tmp_pa
     four = flagged["the four at 0.9"]
     assert four[str(tmp_path / "noise")] == 1.0 and four[str(tmp_path / "same")] <= 0.3
     assert all(0 <= v <= 1 for row in flagged.values() for v in row.values())
+    args[args.index("--json") + 1] = tmp_path / "scales.json"
+    result = run_script("ood_study.py", *args, "--texture-scales", "1,2", tmp_path / "noise")
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = json.loads((tmp_path / "scales.json").read_text())
+    assert study["texture_scales"] == [1, 2] and study["flagged"]["texture at 0.9"][str(tmp_path / "noise")] == 1.0

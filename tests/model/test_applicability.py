@@ -72,6 +72,11 @@ def test_texture_is_the_share_of_each_scales_band_pass_magnitudes_in_each_bin():
     assert torch.equal(texture(stripes)[0], torch.cat([last, first, first]))
     assert torch.equal(texture(torch.full((2, 1, 64, 64), 0.7))[1], torch.cat([first, first, first]))
     assert texture(torch.rand(1, 1, 16, 16)).shape == (1, TEXTURE_SIZE)  # the smallest image a config allows
+    # Other scales (scripts/ood_study.py studies them): unaveraged, every pixel's |Laplacian| is 1,
+    # the top of bin 14.
+    at_one = torch.zeros(TEXTURE_BINS)
+    at_one[14] = 1
+    assert torch.equal(texture(stripes, (1, 8))[0], torch.cat([at_one, first]))
 
 
 @pytest.mark.parametrize(

@@ -54,4 +54,6 @@ def _busy_ticks() -> tuple[float, int, int] | None:
     return time.monotonic(), busy, int(own[11]) + int(own[12])  # utime, stime
 
 
-OTHERS = OtherWork()  # the process's gauge, read by the kernels and by inference before each batch
+# The process's gauge, read by the kernels and by inference before each batch. Made at import, so that
+# its first answer already covers the time since (loading torch takes longer than `every`).
+OTHERS = OtherWork()
