@@ -152,9 +152,10 @@ DECADES = 3  # the bins are log-spaced over |Laplacian| from 10^-3 to 1; the end
 
 
 def texture(x: torch.Tensor, scales: tuple[int, ...] = TEXTURE_SCALES) -> torch.Tensor:
-    """For each scale (powers of two, from the finest), the share of the image's |Laplacian| (of the image averaged over scale x scale
-    blocks) in each of TEXTURE_BINS bins: (N, len(scales) * TEXTURE_BINS). Bin k holds 10^(-3 + 3(k-1)/14) < m <=
-    10^(-3 + 3k/14), the first everything up to 10^-3 (flat regions), the last everything above 1."""
+    """For each scale (powers of two, from the finest), the share of the image's |Laplacian| (of the
+    image averaged over scale x scale blocks) in each of TEXTURE_BINS bins: (N, len(scales) *
+    TEXTURE_BINS). Bin k holds 10^(-3 + 3(k-1)/14) < m <= 10^(-3 + 3k/14), the first everything up to
+    10^-3 (flat regions), the last everything above 1."""
     rows = torch.arange(len(x), device=x.device)[:, None] * TEXTURE_BINS
     shares, pooled, scale = [], x, 1
     for wanted in scales:
