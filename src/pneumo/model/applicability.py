@@ -135,10 +135,8 @@ def describe(x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.T
     outputs (`Classifier` collects them)."""
     pooled = torch.cat([F.normalize(f.float(), dim=1) for f in features], 1)
     thumbnail = F.adaptive_avg_pool2d(x.float(), THUMBNAIL).flatten(1)
-    bins = (x.flatten(1).float() * BINS).long().clamp_(0, BINS - 1)
-    rows = torch.arange(len(x), device=x.device)[:, None] * BINS
-    histogram = torch.bincount((bins + rows).flatten(), minlength=len(x) * BINS).view(len(x), BINS)
-    histogram = histogram.float() / bins.shape[1]
+    bins = (x.flatten(1).float() * BINS).to(torch.int32).clamp_(0, BINS - 1)
+    histogram = _row_histograms(bins, BINS).float() / bins.shape[1]
     return {
         "features": pooled.cpu(),
         "thumbnail": thumbnail.cpu(),
@@ -156,7 +154,6 @@ def texture(x: torch.Tensor, scales: tuple[int, ...] = TEXTURE_SCALES) -> torch.
     image averaged over scale x scale blocks) in each of TEXTURE_BINS bins: (N, len(scales) *
     TEXTURE_BINS). Bin k holds 10^(-3 + 3(k-1)/14) < m <= 10^(-3 + 3k/14), the first everything up to
     10^-3 (flat regions), the last everything above 1."""
-    rows = torch.arange(len(x), device=x.device)[:, None] * TEXTURE_BINS
     shares, pooled, scale = [], x, 1
     for wanted in scales:
         while scale < wanted:
@@ -166,10 +163,16 @@ def texture(x: torch.Tensor, scales: tuple[int, ...] = TEXTURE_SCALES) -> torch.
             blocks = F.pad(blocks, (1, 1, 1, 1), mode="replicate")
         magnitude = _laplacian(blocks).abs().flatten(1)
         position = (magnitude.log10() + DECADES) * ((TEXTURE_BINS - 2) / DECADES)  # log10(0) = -inf: bin 0
-        bins = position.ceil().clamp(0, TEXTURE_BINS - 1).long()
-        counts = torch.bincount((bins + rows).flatten(), minlength=len(x) * TEXTURE_BINS).view(len(x), -1)
-        shares.append(counts.float() / magnitude.shape[1])
+        bins = position.ceil().clamp(0, TEXTURE_BINS - 1).to(torch.int32)
+        shares.append(_row_histograms(bins, TEXTURE_BINS).float() / magnitude.shape[1])
     return torch.cat(shares, 1)
+
+
+def _row_histograms(bins: torch.Tensor, n: int) -> torch.Tensor:
+    """The count of each bin 0..n-1 in each row of `bins` (N, M): one bincount over all rows, each
+    row's bins offset by n times its index (int32: bincount reads it faster than int64)."""
+    offsets = torch.arange(len(bins), dtype=torch.int32, device=bins.device)[:, None] * n
+    return torch.bincount((bins + offsets).flatten(), minlength=len(bins) * n).view(len(bins), n)
 
 
 def _halve(b: torch.Tensor) -> torch.Tensor:
