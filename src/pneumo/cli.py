@@ -61,7 +61,7 @@ def _train(args) -> int | None:
     cfg = load_config(args.config, [*args.set, *([f"train.init_from={args.init}"] if args.init else [])])
     if args.print_config:
         return _print_yaml(to_dict(cfg))
-    idle_threads_sleep(only_under_load=True)  # before torch loads
+    idle_threads_sleep()  # before torch loads
     from pneumo.train.run import train
 
     train(cfg, resume=args.resume)
@@ -161,7 +161,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args) -> int:
-    idle_threads_sleep()
+    idle_threads_sleep()  # before torch loads, as for training
     from pneumo.score.predict import InferenceModel, PredictOptions, Shard, run_predict
 
     fail_on_ood = args.fail_on_ood
@@ -232,7 +232,7 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args) -> None:
-    idle_threads_sleep(only_under_load=True)  # it fine-tunes: training, as above
+    idle_threads_sleep()  # before torch loads, as for training
     from pneumo.model.checkpoint import TrainedModel, save_checkpoint
     from pneumo.site.adapt import Options, adapt, load_sample
     from pneumo.site.finetune import Recipe

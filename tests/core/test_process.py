@@ -6,10 +6,11 @@ from pneumo.core.process import idle_threads_sleep, threads_sleep_in
 
 PROBE = """
 import os, sys
-from pneumo.core.process import idle_threads_sleep
-took = idle_threads_sleep()
+from pneumo.core import process
+process.busy_now = lambda: True  # a machine that others keep busy
+took = process.idle_threads_sleep()
 import torch
-print(took, os.environ.get("OMP_WAIT_POLICY"), idle_threads_sleep())
+print(took, os.environ.get("OMP_WAIT_POLICY"), process.idle_threads_sleep())
 """
 
 
@@ -18,7 +19,7 @@ def probe(**env) -> str:
     return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environ).stdout.strip()
 
 
-def test_idle_threads_sleep_before_torch_loads_and_never_override_the_user():
+def test_idle_threads_sleep_on_a_busy_machine_before_torch_loads_and_never_override_the_user():
     assert probe() == "True PASSIVE False"  # set before torch loads; once torch is in, too late
     assert probe(OMP_WAIT_POLICY="ACTIVE") == "False ACTIVE False"  # a user's own choice stands
 
@@ -30,7 +31,7 @@ def test_in_a_process_that_already_imported_torch_nothing_changes():
     assert idle_threads_sleep() is False and os.environ.get("OMP_WAIT_POLICY") == before
 
 
-def test_training_commands_let_threads_sleep_only_on_a_busy_machine():
+def test_threads_sleep_only_on_a_busy_machine():
     busy, idle = {}, {}
     assert threads_sleep_in(busy, lambda: True) and busy == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert not threads_sleep_in(idle, lambda: False) and idle == {}

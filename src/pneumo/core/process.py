@@ -47,27 +47,25 @@ def tune_allocator() -> bool:
         return False
 
 
-def idle_threads_sleep(only_under_load: bool = False) -> bool:
-    """Make torch's idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set);
-    `only_under_load`: only where other processes keep the machine busy as the command starts.
+def idle_threads_sleep() -> bool:
+    """Make torch's idle OpenMP threads sleep instead of spinning where other processes keep the
+    machine busy as the command starts (unless OMP_WAIT_POLICY is set).
 
-    For a command that decodes images on every core while torch scores the previous batch on every
-    core: spinning threads take turns from the decoders, and a decoder that preempts a thread inside
-    a parallel region stalls all the others at its barrier. Training, alone, runs faster with spinning
-    threads on an idle machine (each parallel region starts without a wake-up), but beside other work a
-    spinning thread burns the turns its partners need, and sleepers are woken ahead of the other work.
-    OpenMP reads the setting once, when torch loads it, so this does something only before torch is
-    imported (it reports whether it did).
+    On an idle machine spinning is faster: each parallel region starts without a wake-up, and no work
+    of pneumo's own runs beside torch's threads (pneumo-predict decodes a block, then scores it).
+    Beside other work a spinning thread burns the turns its partners need, and sleepers are woken
+    ahead of the other work. OpenMP reads the setting once, when torch loads it, so this does something
+    only before torch is imported (it reports whether it did).
     """
     if "torch" in sys.modules:
         return False
-    return threads_sleep_in(os.environ, busy_now if only_under_load else None)
+    return threads_sleep_in(os.environ, busy_now)
 
 
-def threads_sleep_in(environ, busy=None) -> bool:
+def threads_sleep_in(environ, busy) -> bool:
     """Set OMP_WAIT_POLICY=PASSIVE in `environ`, a process's environment before torch loads in it, unless
     it names a policy or `busy` (a check of the machine's load) says the machine is idle."""
-    if "OMP_WAIT_POLICY" in environ or (busy is not None and not busy()):
+    if "OMP_WAIT_POLICY" in environ or not busy():
         return False
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True

@@ -16,7 +16,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +197,8 @@ def _current(row: list[str] | None, model: InferenceModel) -> bool:
     return row is not None and not row[4] and row[3] == model.model_id
 
 
-# Files are decoded this many scoring batches at a time, the next block while the current one is
-# scored: fewer, longer turns between decoding and scoring ran faster than a batch at a time
-# (docs/performance.md), and the images of two blocks are small beside the network's activations.
+# Files are decoded this many scoring batches at a time, then scored: fewer, longer turns between
+# decoding and scoring ran faster than a batch at a time (docs/performance.md).
 DECODE_BATCHES = 8
 
 
@@ -212,15 +210,13 @@ class PredictOptions:
 
 
 def decoded_batches(paths: list[str], batch_size: int, model: InferenceModel) -> Iterator[tuple[list[str], tuple]]:
-    """(paths, (images, errors)) `batch_size` files at a time, with progress. The next batch is decoded
-    (on all cores) while the caller scores this one; at most two batches of images are in memory at once."""
+    """(paths, (images, errors)) `batch_size` files at a time, with progress, each block decoded on all
+    cores before the caller scores it on all cores. One kind of work at a time ran faster than decoding
+    the next block while scoring this one (docs/performance.md): no thread of one waits at a barrier for
+    a core the other holds, and torch's idle threads may spin, which an idle machine prefers."""
     parts = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as ahead:
-        upcoming = ahead.submit(_decode, parts[0], model) if parts else None
-        for i, part in enumerate(progress(parts, len(parts), "predicting", unit="batch")):
-            current = upcoming.result()
-            upcoming = ahead.submit(_decode, parts[i + 1], model) if i + 1 < len(parts) else None
-            yield part, current
+    for part in progress(parts, len(parts), "predicting", unit="batch"):
+        yield part, _decode(part, model)
 
 
 def _decode(paths: list[str], model: InferenceModel) -> tuple[np.ndarray, dict[int, str]]:
