@@ -57,7 +57,7 @@ class Gaussian:
     def p_value(self, x: torch.Tensor) -> torch.Tensor:
         """The share of validation images at least as far from the training images as each of `x`."""
         farther = len(self.reference) - torch.searchsorted(self.reference, self.distance(x))
-        return ((farther + 1) / (len(self.reference) + 1)).clamp_min(MIN_P)
+        return ((farther + 1).double() / (len(self.reference) + 1)).clamp_min(MIN_P)  # float64, as the distances
 
 
 @dataclass
