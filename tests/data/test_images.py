@@ -1,6 +1,7 @@
 import io
 import os
 import time
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -66,6 +67,23 @@ def test_exif_orientation_is_honoured(tmp_path):
     out = load_image(save(tmp_path / "rotated.jpg", Image.fromarray(img), exif=exif, quality=95), 40)
     # Displayed upright, the bright band runs along the top.
     assert out[:5].mean() > 200 and out[-10:].mean() < 50
+
+
+def test_damaged_exif_is_logged_with_the_file_name(tmp_path, caplog):
+    img = np.zeros((20, 40), np.uint8)
+    img[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "x" * 100  # the camera maker's tag, whose data the cut below loses
+    damaged = exif.tobytes()[:-60]
+    path = save(tmp_path / "damaged.jpg", Image.fromarray(img), exif=damaged, quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning, which names no file, must not escape
+        out = load_image(path, 40)
+    assert out[:5].mean() > 200 and out[-10:].mean() < 50  # the orientation survived the damage
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: damaged metadata (Tag data larger than file. Skipping tag 271)"
+    ]
 
 
 def bad_files(tmp_path):

@@ -6,15 +6,17 @@ import os
 import stat
 import struct
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pneumo.core.errors import BadImageError
+from pneumo.core.logs import log
 from pneumo.core.progress import progress
 from pneumo.data.dicom import read_dicom
 
@@ -89,7 +91,7 @@ DECODING = PixelBudget(150_000_000)  # about 1 GB at the most a pixel costs (flo
 def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
     with open_regular(path) as f:
         try:
-            with Image.open(f) as im:
+            with _open(f, path) as im:
                 # The header gives the size: refuse a bomb before decoding a single pixel.
                 if im.width * im.height > max_pixels:
                     raise BadImageError(
@@ -101,7 +103,7 @@ def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
                     _draft(im, size)
                 with DECODING.share(im.width * im.height):  # the size to decode to, after any draft
                     im.load()
-                    return to_grayscale(ImageOps.exif_transpose(im))
+                    return to_grayscale(_upright(im))
         except BadImageError:
             raise
         except UnidentifiedImageError:
@@ -111,6 +113,41 @@ def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
         except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError) as e:
             reason = "empty file (0 bytes)" if _is_empty(path) else str(e) or type(e).__name__
             raise BadImageError(path, reason) from None
+
+
+# warnings.catch_warnings swaps process-wide state, so decoding threads take turns in it.
+_CATCHING = threading.Lock()
+
+
+def _open(f: BinaryIO, path: str) -> Image.Image:
+    """Image.open, with its EXIF block parsed (Pillow keeps it for _upright), logging what Pillow
+    finds damaged in the file's header with the file's name: its own warnings name no file. The image
+    decodes all the same, upright if the orientation tag survived."""
+    with _CATCHING, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        im = Image.open(f)
+        im.getexif()
+    for w in caught:
+        log.warning("%s: damaged metadata (%s)", path, w.message)
+    return im
+
+
+# EXIF orientation: the transposition that shows the image upright, as ImageOps.exif_transpose does it;
+# that one also rewrites the copy's EXIF (parsing it again) and copies images that need no turn.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    turn = _UPRIGHT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
+    return im if turn is None else im.transpose(turn)
 
 
 def _draft(im: Image.Image, size: int) -> None:
