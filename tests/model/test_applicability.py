@@ -13,6 +13,8 @@ from pneumo.core.errors import CheckpointError
 from pneumo.data.synthetic import make_split
 from pneumo.model.applicability import (
     BINS,
+    MIN_P,
+    TAIL,
     TEXTURE_BINS,
     TEXTURE_SIZE,
     THUMBNAIL,
@@ -44,10 +46,21 @@ def test_the_threshold_keeps_the_configured_share_of_validation_in_scope():
 def test_a_p_value_is_the_share_of_validation_at_least_as_far():
     eye, reference = torch.eye(2, dtype=torch.float64), torch.arange(1.0, 10.0).double()
     g = Gaussian(torch.zeros(2, dtype=torch.float64), eye, reference)
-    # Squared distances 0, 4.5 and 100 against the nine reference distances 1..9: 9, 5 and 0 of them at
+    # Squared distances 0, 4.5 and 9 against the nine reference distances 1..9: 9, 5 and 1 of them at
     # least as far, the image itself counted once more (a conformal p-value, never 0).
-    p = g.p_value(torch.tensor([[0.0, 0.0], [1.5, 1.5], [10.0, 0.0]]))
-    assert p.tolist() == pytest.approx([10 / 10, 6 / 10, 1 / 10])
+    p = g.p_value(torch.tensor([[0.0, 0.0], [1.5, 1.5], [3.0, 0.0]]))
+    assert p.tolist() == pytest.approx([10 / 10, 6 / 10, 2 / 10])
+
+
+def test_beyond_the_farthest_validation_image_the_p_value_falls_along_an_exponential_tail():
+    eye, reference = torch.eye(2, dtype=torch.float64), torch.arange(1.0, 10.0).double()
+    g = Gaussian(torch.zeros(2, dtype=torch.float64), eye, reference)
+    # The farthest six distances, 4..9, lie 1..5 beyond the sixth farthest: a tail of scale 3 past 9.
+    p = g.p_value(torch.tensor([[12**0.5, 0.0], [10.0, 0.0]]))
+    assert p.tolist() == pytest.approx([1 / 10 * np.exp(-1), MIN_P])
+    # Too few validation images to fit a tail to: the share stays at its floor.
+    few = Gaussian(torch.zeros(2, dtype=torch.float64), eye, reference[-TAIL:])
+    assert few.p_value(torch.tensor([[10.0, 0.0]])).tolist() == pytest.approx([1 / (TAIL + 1)])
 
 
 def test_descriptors_are_a_thumbnail_a_histogram_and_the_normalized_features():

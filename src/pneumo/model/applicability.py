@@ -31,6 +31,7 @@ TEXTURE_SCALES, TEXTURE_BINS = (2, 4, 8), 16  # scales: powers of two, from the 
 REQUIRED = ("features", "thumbnail", "histogram")
 FIELDS = ("mean", "precision", "reference")
 MIN_P = 1e-6  # a p-value below any validation image's: keeps log(p) finite
+TAIL = 5  # the fewest farthest validation distances the tail beyond them is fitted to
 
 
 @dataclass
@@ -55,9 +56,19 @@ class Gaussian:
         return ((d @ self.precision) * d).sum(1)
 
     def p_value(self, x: torch.Tensor) -> torch.Tensor:
-        """The share of validation images at least as far from the training images as each of `x`."""
-        farther = len(self.reference) - torch.searchsorted(self.reference, self.distance(x))
-        return ((farther + 1).double() / (len(self.reference) + 1)).clamp_min(MIN_P)  # float64, as the distances
+        """The share of validation images at least as far from the training images as each of `x`; beyond
+        the farthest, that share (1 / (n + 1)) falls on along an exponential tail fitted to the farthest
+        tenth (peaks over a threshold, the extreme-value model of gamma-like tails). Without the tail, a
+        check whose validation is a few dozen images (a site's sample) could not tell an image just past
+        them from one far beyond; past its farthest lie about 1 / (n + 1) of images like validation's."""
+        d = self.distance(x)
+        n = len(self.reference)
+        p = (n + 1 - torch.searchsorted(self.reference, d)).double() / (n + 1)  # float64, as the distances
+        if n > TAIL:
+            top = self.reference[-max(TAIL, n // 10) - 1 :]
+            scale = (top[1:] - top[0]).mean().clamp_min(1e-12)
+            p = torch.where(d > top[-1], p * torch.exp(-(d - top[-1]) / scale), p)
+        return p.clamp_min(MIN_P)
 
 
 @dataclass
