@@ -73,7 +73,7 @@ class Gaussian:
 
 @dataclass
 class Applicability:
-    """The three Gaussians and the threshold on the combined score (higher: less like training)."""
+    """The descriptors' Gaussians and the threshold on the combined score (higher: less like training)."""
 
     gaussians: dict[str, Gaussian]
     threshold: float
