@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumo.core.errors import BadImageError
 from pneumo.core.logs import log
@@ -103,7 +103,9 @@ def _read_with_pillow(path: str, size: int, max_pixels: int) -> Image.Image:
                     _draft(im, size)
                 with DECODING.share(im.width * im.height):  # the size to decode to, after any draft
                     im.load()
-                    return to_grayscale(_upright(im))
+                    # In place: a copy of every image that needs no turn is what it would return otherwise.
+                    ImageOps.exif_transpose(im, in_place=True)
+                    return to_grayscale(im)
         except BadImageError:
             raise
         except UnidentifiedImageError:
@@ -120,7 +122,7 @@ _CATCHING = threading.Lock()
 
 
 def _open(f: BinaryIO, path: str) -> Image.Image:
-    """Image.open, with its EXIF block parsed (Pillow keeps it for _upright), logging what Pillow
+    """Image.open, with its EXIF block parsed (Pillow keeps it for exif_transpose), logging what Pillow
     finds damaged in the file's header with the file's name: its own warnings name no file. The image
     decodes all the same, upright if the orientation tag survived."""
     with _CATCHING, warnings.catch_warnings(record=True) as caught:
@@ -130,24 +132,6 @@ def _open(f: BinaryIO, path: str) -> Image.Image:
     for w in caught:
         log.warning("%s: damaged metadata (%s)", path, w.message)
     return im
-
-
-# EXIF orientation: the transposition that shows the image upright, as ImageOps.exif_transpose does it;
-# that one also rewrites the copy's EXIF (parsing it again) and copies images that need no turn.
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    turn = _UPRIGHT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
-    return im if turn is None else im.transpose(turn)
 
 
 def _draft(im: Image.Image, size: int) -> None:
