@@ -43,6 +43,28 @@ def test_the_threshold_keeps_the_configured_share_of_validation_in_scope():
     assert (check.score(blobs(200, shift=3.0, seed=3)) > check.threshold).all()
 
 
+def test_an_adapted_check_flags_images_more_typical_of_the_population_it_left():
+    """A model adapted from a home population to a site half a standard deviation away in every image
+    descriptor: its own check, fitted on the site, passes many home images; with the home population
+    as its origin it flags them, and what it flags of the site stays as it was."""
+    moved = lambda d, by: {name: x + (by if name != "features" else 0.0) for name, x in d.items()}
+    home = Applicability.fit(moved(blobs(2000, seed=4), 0.5), moved(blobs(500, seed=5), 0.5), 0.95)
+    site = Applicability.fit(blobs(2000), blobs(500, seed=1), 0.95)
+    adapted = site.leaving(home)
+    assert set(adapted.origin) == {"thumbnail", "histogram"}  # the network's features are another network's
+    at_home, at_site = moved(blobs(1000, seed=6), 0.5), blobs(1000, seed=7)
+    share = lambda check, d: float((check.score(d) > check.threshold).double().mean())
+    assert share(site, at_home) < 0.5 and share(adapted, at_home) > 0.95
+    assert share(adapted, at_site) == pytest.approx(share(site, at_site), abs=0.01)
+    # Kept in the checkpoint, and checked on load like the rest.
+    loaded = Applicability.from_dict(adapted.to_dict(), 6, "site.pt")
+    assert torch.allclose(loaded.score(at_home), adapted.score(at_home), rtol=1e-4)
+    raw = adapted.to_dict()
+    raw["origin"]["thumbnail"] = raw["origin"]["histogram"]
+    with pytest.raises(CheckpointError, match="site.pt: applicability statistics 'thumbnail' do not fit"):
+        Applicability.from_dict(raw, 6, "site.pt")
+
+
 def test_a_p_value_is_the_share_of_validation_at_least_as_far():
     eye, reference = torch.eye(2, dtype=torch.float64), torch.arange(1.0, 10.0).double()
     g = Gaussian(torch.zeros(2, dtype=torch.float64), eye, reference)

@@ -82,6 +82,10 @@ def test_fine_tuning_changes_the_network_and_its_applicability_check(tmp_path, t
     assert len(site.members) == 3 and not torch.equal(site.members[0][head], original.members[0][head])
     assert not torch.equal(site.members[0][head], site.members[1][head])
     assert site.applicability.to_dict()["threshold"] != original.applicability.to_dict()["threshold"]
+    # The check keeps the model's own training images as its origin only where the sample was mostly
+    # out of their scope: a site like them is not a population the model was adapted away from.
+    flagged = float(re.search(r"out of the model's scope \(applicability check\): ([\d.]+)%", result.stdout)[1])
+    assert (site.applicability.origin is not None) == (flagged >= 50)
 
 
 def test_the_sample_is_scored_before_and_cross_validated_with_patient_intervals(tmp_path, trained_checkpoint):
@@ -107,6 +111,12 @@ def test_a_site_the_model_ranks_backwards_is_learned_by_fine_tuning(tmp_path, le
     assert result.before["auc"] < 0.5 and result.out_of_scope > 0.5
     assert result.kept == "fine-tune" and set(result.cross_validated) == {"fine-tune"}
     assert result.cross_validated["fine-tune"]["auc"] > 0.7  # where recalibration would stay below 0.3
+    # Adapted away from its training images, the model's check flags them, and few of the site's.
+    check = result.model.applicability
+    assert check.origin is not None and set(check.origin) == {"thumbnail", "histogram", "texture"}
+    home, _ = make_split("test", 100, 64, 0.5, seed=6)
+    assert result.model.out_of_scope(home).mean() > 0.95
+    assert result.model.out_of_scope(255 - make_split("test", 100, 64, 0.5, seed=7)[0]).mean() < 0.3
 
 
 def test_patient_folds_keep_patients_together_and_balance_the_classes(tmp_path):

@@ -9,11 +9,15 @@ three scales (texture: the scanner's sharpness and the anatomy's fine structure)
 becomes a p-value against validation, and Fisher's method combines them: a site can differ in any.
 The threshold is the configured quantile of validation's combined scores. docs/new-site.md says
 what it flags, and why these descriptors (measured).
+
+A model adapted to another site also keeps where it came from (`origin`): fitted on a few hundred of
+the site's images, its check alone would pass many images of the population it was adapted away from,
+where it may rank no better than chance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,6 +33,8 @@ THUMBNAIL, BINS = 8, 32
 TEXTURE_SCALES, TEXTURE_BINS = (2, 4, 8), 16  # scales: powers of two, from the finest
 # Descriptors every check has; a checkpoint from before the texture descriptor has only these.
 REQUIRED = ("features", "thumbnail", "histogram")
+# Descriptors of the image alone, not of a network's features: comparable across two networks' checks.
+IMAGE_ONLY = ("thumbnail", "histogram", "texture")
 FIELDS = ("mean", "precision", "reference")
 MIN_P = 1e-6  # a p-value below any validation image's: keeps log(p) finite
 TAIL = 5  # the fewest farthest validation distances the tail beyond them is fitted to
@@ -73,11 +79,13 @@ class Gaussian:
 
 @dataclass
 class Applicability:
-    """The descriptors' Gaussians and the threshold on the combined score (higher: less like training)."""
+    """The descriptors' Gaussians and the threshold on the combined score (higher: less like training);
+    for an adapted model, the image-only Gaussians of the population it was adapted away from."""
 
     gaussians: dict[str, Gaussian]
     threshold: float
     quantile: float
+    origin: dict[str, Gaussian] | None = None
 
     @classmethod
     def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], quantile: float) -> Applicability:
@@ -91,14 +99,27 @@ class Applicability:
         """Which scores are out of the model's scope: further than the threshold (NumPy or torch)."""
         return scores > self.threshold
 
+    def leaving(self, origin: Applicability) -> Applicability:
+        """This check, for a model adapted away from the training images of `origin`'s model."""
+        return replace(self, origin={name: origin.gaussians[name] for name in self._shared(origin.gaussians)})
+
     def score(self, descriptors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fisher's combination of the descriptors' p-values: -2 sum(log p)."""
-        return sum(-2 * g.p_value(descriptors[name]).log() for name, g in self.gaussians.items())
+        """Fisher's combination of the descriptors' p-values: -2 sum(log p). With an origin, an image more
+        typical of the origin than of this model's images (a smaller combination of the image-only
+        descriptors' p-values) scores past the threshold by the difference of the two combinations."""
+        score = _fisher(self.gaussians, descriptors, self.gaussians)
+        if self.origin is None:
+            return score
+        shared = self._shared(self.origin)
+        closer_to_origin = _fisher(self.gaussians, descriptors, shared) - _fisher(self.origin, descriptors, shared)
+        return torch.maximum(score, self.threshold + closer_to_origin)
+
+    def _shared(self, other: dict[str, Gaussian]) -> list[str]:
+        return [name for name in IMAGE_ONLY if name in self.gaussians and name in other]
 
     def to_dict(self) -> dict:
-        # float32 on disk: ample for a distance, half the size (the features' precision is most of a file)
-        gaussians = {name: {k: getattr(g, k).float() for k in FIELDS} for name, g in self.gaussians.items()}
-        return {"quantile": self.quantile, "threshold": self.threshold, "gaussians": gaussians}
+        out = {"quantile": self.quantile, "threshold": self.threshold, "gaussians": _tables(self.gaussians)}
+        return out if self.origin is None else {**out, "origin": _tables(self.origin)}
 
     @classmethod
     def from_dict(cls, raw: dict, feature_size: int, where: str) -> Applicability:
@@ -106,17 +127,33 @@ class Applicability:
         sizes = {"features": feature_size, "thumbnail": THUMBNAIL**2, "histogram": BINS, "texture": TEXTURE_SIZE}
         try:
             stored = _entry(raw, "gaussians")
-            names = [*REQUIRED, *(["texture"] if "texture" in stored else [])]
-            tables = {name: _entry(stored, name) for name in names}
-            gaussians = {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in names}
-            out = cls(gaussians, float(_entry(raw, "threshold")), float(_entry(raw, "quantile")))
+            gaussians = _gaussians(stored, [*REQUIRED, *(["texture"] if "texture" in stored else [])])
+            origin = None
+            if "origin" in raw:
+                stored = _entry(raw, "origin")
+                origin = _gaussians(stored, [name for name in IMAGE_ONLY if name in REQUIRED or name in stored])
+            out = cls(gaussians, float(_entry(raw, "threshold")), float(_entry(raw, "quantile")), origin)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: float() of a long tensor
             raise CheckpointError(f"{where} has malformed applicability statistics ({e})") from None
-        for name, g in gaussians.items():
+        for name, g in [*gaussians.items(), *(origin or {}).items()]:
             _check_gaussian(g, sizes[name], f"{where}: applicability statistics '{name}'")
         if not (np.isfinite(out.threshold) and 0 < out.quantile < 1):
             raise CheckpointError(f"{where}: applicability threshold or quantile out of range")
         return out
+
+
+def _fisher(gaussians: dict[str, Gaussian], descriptors: dict[str, torch.Tensor], names) -> torch.Tensor:
+    return sum(-2 * gaussians[name].p_value(descriptors[name]).log() for name in names)
+
+
+def _tables(gaussians: dict[str, Gaussian]) -> dict:
+    # float32 on disk: ample for a distance, half the size (the features' precision is most of a file)
+    return {name: {k: getattr(g, k).float() for k in FIELDS} for name, g in gaussians.items()}
+
+
+def _gaussians(stored, names: list[str]) -> dict[str, Gaussian]:
+    tables = {name: _entry(stored, name) for name in names}
+    return {name: Gaussian(*(_float64(_entry(tables[name], k)) for k in FIELDS)) for name in names}
 
 
 def _entry(table, key: str):

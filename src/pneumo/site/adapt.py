@@ -31,6 +31,9 @@ from pneumo.site.finetune import Recipe, fine_tune
 MIN_PER_CLASS = 10  # two parameters and a threshold from fewer images of a class would be a guess
 TRUSTED_PER_CLASS = 50  # below this the sample's figures carry wide intervals: say so
 PRIOR = 1.0  # weight, in images, of the pull towards the current calibration
+# A sample this much out of the input model's scope is another population: the model fine-tuned on it
+# is adapted away from its training images.
+FOREIGN = 0.5
 
 
 @dataclass
@@ -130,6 +133,10 @@ def adapt(model: TrainedModel, sample: Sample, options: Options = Options()) -> 
         adapted = _recalibrated(model, z, sample, options)
     else:
         adapted = _fine_tuned(model, *held_out[kept], sample, folds, options)
+        # Fine-tuned on another population, the network may rank its own training images at chance: its
+        # check says so of images more typical of those than of the site's.
+        if out_of_scope is not None and out_of_scope >= FOREIGN:
+            adapted.applicability = adapted.applicability.leaving(model.applicability)
     record = {**_record(model, sample, options), "kept": kept, "cross_validated": _plain(cross_validated)}
     adapted = replace(adapted, provenance={**model.provenance, "site_adaptation": record}, path=None, model_id="")
     return Result(
@@ -151,7 +158,7 @@ def _viable(choice: str, before: dict, out_of_scope: float | None) -> tuple[str,
     transfer, and fine-tuning may still learn the site."""
     auc, interval = before["auc"], before.get("ci95", {}).get("auc")
     opposite = (interval[1] if interval else auc) < 0.5
-    if opposite and (choice == "recalibrate" or out_of_scope is None or out_of_scope < 0.5):
+    if opposite and (choice == "recalibrate" or out_of_scope is None or out_of_scope < FOREIGN):
         raise PneumoError(
             f"the sample ranks opposite to the model (AUC {auc:.3f}): are its NORMAL and PNEUMONIA labels "
             "swapped? If not, this model is of no use here and calibration cannot help (docs/new-site.md)"
