@@ -107,12 +107,13 @@ class Applicability:
         """Fisher's combination of the descriptors' p-values: -2 sum(log p). With an origin, an image more
         typical of the origin than of this model's images (a smaller combination of the image-only
         descriptors' p-values) scores past the threshold by the difference of the two combinations."""
-        score = _fisher(self.gaussians, descriptors, self.gaussians)
+        terms = {name: -2 * g.p_value(descriptors[name]).log() for name, g in self.gaussians.items()}
+        score = sum(terms.values())
         if self.origin is None:
             return score
         shared = self._shared(self.origin)
-        closer_to_origin = _fisher(self.gaussians, descriptors, shared) - _fisher(self.origin, descriptors, shared)
-        return torch.maximum(score, self.threshold + closer_to_origin)
+        at_origin = sum(-2 * self.origin[name].p_value(descriptors[name]).log() for name in shared)
+        return torch.maximum(score, self.threshold + sum(terms[name] for name in shared) - at_origin)
 
     def _shared(self, other: dict[str, Gaussian]) -> list[str]:
         return [name for name in IMAGE_ONLY if name in self.gaussians and name in other]
@@ -140,10 +141,6 @@ class Applicability:
         if not (np.isfinite(out.threshold) and 0 < out.quantile < 1):
             raise CheckpointError(f"{where}: applicability threshold or quantile out of range")
         return out
-
-
-def _fisher(gaussians: dict[str, Gaussian], descriptors: dict[str, torch.Tensor], names) -> torch.Tensor:
-    return sum(-2 * gaussians[name].p_value(descriptors[name]).log() for name in names)
 
 
 def _tables(gaussians: dict[str, Gaussian]) -> dict:
